@@ -1,0 +1,162 @@
+"""The only module that calls ``torch.distributed``.
+
+Every function takes an explicit ``group`` (``None`` = the default group) and degrades to
+a local no-op when there is no initialized process group or the group has one rank, so
+the library runs unchanged in a plain single-process script.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistributedInputError",
+    "all_gather_uneven",
+    "all_reduce_sum",
+    "all_to_all_uneven",
+    "exchange_rank_rows",
+    "get_rank",
+    "get_world_size",
+    "is_distributed",
+    "log_rank0",
+]
+
+logger = logging.getLogger("dist_ohem")
+
+
+class DistributedInputError(ValueError):
+    """Bad input on at least one rank, raised identically on every rank of the group."""
+
+
+def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
+    """True when a process group is initialized and ``group`` spans more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def get_world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Ranks in ``group``; 1 without an initialized process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(group)
+    return 1
+
+
+def get_rank(group: dist.ProcessGroup | None = None) -> int:
+    """This process's rank within ``group``; 0 without an initialized process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group)
+    return 0
+
+
+def log_rank0(message: str, *args: object, level: int = logging.INFO) -> None:
+    """Log through the ``dist_ohem`` logger on global rank 0 only."""
+    if get_rank() == 0:
+        logger.log(level, message, *args)
+
+
+def exchange_rank_rows(
+    row: torch.Tensor, error: str | None = None, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """All-gather one fixed-length int64 row per rank, failing together on any rank's error.
+
+    This is the collective "did any rank fail?" check: the last column carries the
+    error flag, and when any rank set it, every rank gathers all error messages and
+    raises the same :class:`DistributedInputError`, instead of the healthy ranks waiting
+    in a collective that the failing rank never joins.
+
+    Args:
+        row: 1-D int64 tensor, the same length on every rank.
+        error: this rank's error message, or None.
+
+    Returns:
+        ``(W, len(row))`` int64 tensor, row r from rank r.
+    """
+    flagged = torch.cat([row.to(torch.int64), torch.tensor([int(error is not None)])])
+    if not is_distributed(group):
+        rows = flagged.unsqueeze(0)
+    else:
+        rows = torch.empty(get_world_size(group), flagged.numel(), dtype=torch.int64)
+        dist.all_gather_into_tensor(rows, flagged, group=group)
+    if bool(rows[:, -1].any()):
+        messages: list[str | None] = [error]
+        if is_distributed(group):
+            messages = [None] * get_world_size(group)
+            dist.all_gather_object(messages, error, group=group)
+        raise DistributedInputError(
+            "; ".join(f"rank {rank}: {msg}" for rank, msg in enumerate(messages) if msg)
+        )
+    return rows[:, :-1]
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum of ``tensor`` over the ranks of ``group`` (returned; the input is not modified)."""
+    total = tensor.clone()
+    if is_distributed(group):
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total
+
+
+def all_gather_uneven(
+    tensor: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    lengths: list[int] | None = None,
+) -> list[torch.Tensor]:
+    """All-gather tensors whose dim 0 differs across ranks.
+
+    Gloo needs equal sizes, so each rank pads to the longest, gathers, and trims.
+    Pass ``lengths`` (every rank's dim 0, identical on all ranks) when already known to
+    skip the extra collective that gathers them.
+
+    Args:
+        tensor: ``(n_r, *rest)``; ``rest`` and dtype identical on all ranks.
+
+    Returns:
+        W tensors, entry r of shape ``(n_r, *rest)`` from rank r.
+    """
+    if not is_distributed(group):
+        return [tensor]
+    world_size = get_world_size(group)
+    if lengths is None:
+        local_length = torch.tensor([tensor.shape[0]], dtype=torch.int64)
+        all_lengths = torch.empty(world_size, dtype=torch.int64)
+        dist.all_gather_into_tensor(all_lengths, local_length, group=group)
+        lengths = all_lengths.tolist()
+    max_length = max(lengths)
+    padded = tensor.new_zeros((max_length, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = tensor.new_empty((world_size * max_length, *tensor.shape[1:]))
+    dist.all_gather_into_tensor(gathered, padded.contiguous(), group=group)
+    return [
+        gathered[r * max_length : r * max_length + length] for r, length in enumerate(lengths)
+    ]
+
+
+def all_to_all_uneven(
+    tensor: torch.Tensor,
+    send_counts: list[int],
+    recv_counts: list[int],
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Send rows ``tensor[sum(send_counts[:q]) : ...]`` to rank q; receive from every rank.
+
+    Args:
+        tensor: ``(sum(send_counts), *rest)``.
+        send_counts: rows this rank sends to each rank.
+        recv_counts: rows this rank receives from each rank (what they send to it).
+
+    Returns:
+        ``(sum(recv_counts), *rest)``, rows ordered by source rank.
+    """
+    if not is_distributed(group):
+        return tensor.clone()
+    output = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
+    dist.all_to_all_single(
+        output,
+        tensor.contiguous(),
+        output_split_sizes=recv_counts,
+        input_split_sizes=send_counts,
+        group=group,
+    )
+    return output

@@ -1,0 +1,133 @@
+"""OHEMLoss: a per-instance loss wrapped with global hard-example selection (mask mode)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dist_ohem import comm
+from dist_ohem.selector import HardExampleSelector, SelectionResult
+
+__all__ = ["OHEMLoss", "per_instance_criterion"]
+
+REDUCTIONS = ("mean", "sum")
+
+
+def per_instance_criterion(
+    criterion: nn.Module | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A callable returning per-instance losses for ``criterion``.
+
+    A torch loss module (anything with a ``reduction`` attribute) is shallow-copied with
+    ``reduction="none"``: the user's object is not changed, and the copy shares its
+    parameters and buffers (``weight``, ``pos_weight``), so moving the original to a
+    device moves them for the copy too. Any other callable must already return
+    per-instance losses.
+    """
+    if isinstance(criterion, nn.Module) and hasattr(criterion, "reduction"):
+        per_instance = copy.copy(criterion)
+        per_instance.reduction = "none"
+        return per_instance
+    if not callable(criterion):
+        raise TypeError(f"criterion must be a loss module or a callable, got {criterion!r}")
+    return criterion
+
+
+class OHEMLoss(nn.Module):
+    """Online hard example mining over the whole data-parallel batch (DESIGN.md §4).
+
+    One forward and backward over every instance; unselected instances get zero weight.
+    Call it on every rank each step, like the loss it wraps::
+
+        criterion = OHEMLoss(nn.CrossEntropyLoss(), keep=0.25)
+        loss = criterion(ddp_model(x), y)
+        loss.backward()
+
+    Args:
+        criterion: a torch loss module (used with ``reduction="none"``), or a callable
+            ``(input, target) -> per-instance losses``.
+        reduction: ``"mean"``: divide by the global number selected M; ``"sum"``: don't.
+        grad_average: the engine averages gradients over ranks (DDP, Accelerate,
+            DeepSpeed do), so multiply by the world size W to undo that. Set False
+            when gradients are summed.
+        ignore_index: targets equal to this are invalid instances (never selected,
+            never counted). Default: the criterion's own ``ignore_index`` if it has one
+            (``nn.CrossEntropyLoss`` ignores -100). Only applies to integer targets.
+        selector: a :class:`HardExampleSelector`; or give its arguments as keywords.
+
+    ``forward(input, target, positive=None)`` returns the scalar
+    ``(W / M) * sum(selected local losses)`` (``mean``), whose gradient, averaged over
+    ranks, equals the gradient of the mean loss over the globally selected instances.
+    The value is this rank's share, not the global mean: the global mean is the sum of
+    the values over ranks divided by W. The last :class:`SelectionResult` is ``.last``.
+    """
+
+    def __init__(
+        self,
+        criterion: nn.Module | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        *,
+        reduction: str = "mean",
+        grad_average: bool = True,
+        ignore_index: int | None = None,
+        selector: HardExampleSelector | None = None,
+        **selector_kwargs: object,
+    ) -> None:
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if selector is not None and selector_kwargs:
+            raise ValueError(
+                "pass either selector= or the selector's keyword arguments, not both "
+                f"(got selector and {sorted(selector_kwargs)})"
+            )
+        self.selector = selector if selector is not None else HardExampleSelector(**selector_kwargs)
+        # Kept out of the module tree: it shares the user's parameters and buffers.
+        object.__setattr__(self, "_per_instance", per_instance_criterion(criterion))
+        self.reduction = reduction
+        self.grad_average = grad_average
+        self.ignore_index = (
+            ignore_index if ignore_index is not None else getattr(criterion, "ignore_index", None)
+        )
+        self.last: SelectionResult | None = None
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        positive: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scalar loss to back-propagate on this rank (see class docstring)."""
+        try:
+            losses = self._per_instance(input, target)
+        except Exception as exc:
+            self.selector.fail(f"the criterion raised {type(exc).__name__}: {exc}", input)
+        valid = None
+        if self.ignore_index is not None and not target.is_floating_point():
+            valid = target != self.ignore_index
+        result = self.selector(losses, valid, positive)
+        self.last = result
+        return masked_loss(losses, result, self.reduction, self.grad_average, self.selector.group)
+
+
+def masked_loss(
+    losses: torch.Tensor,
+    result: SelectionResult,
+    reduction: str = "mean",
+    grad_average: bool = True,
+    group: object = None,
+) -> torch.Tensor:
+    """``(c / M) * sum(losses[result.mask])`` per DESIGN.md §4, connected to the graph.
+
+    ``c`` is the world size of ``group`` when ``grad_average`` (else 1); ``/ M`` only
+    for ``reduction="mean"``. With nothing selected the value is 0 but still depends on
+    ``losses``, so the backward pass and DDP's gradient all-reduce run on every rank.
+    ``torch.where`` (not a product) keeps unselected ``inf``/NaN out of the value.
+    """
+    scale = float(comm.get_world_size(group) if grad_average else 1)
+    if reduction == "mean":
+        scale /= max(result.num_selected_global, 1)
+    selected = torch.where(result.mask, losses, torch.zeros((), dtype=losses.dtype, device=losses.device))
+    return selected.sum() * scale
