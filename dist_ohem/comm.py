@@ -128,9 +128,7 @@ def all_gather_uneven(
     padded[: tensor.shape[0]] = tensor
     gathered = tensor.new_empty((world_size * max_length, *tensor.shape[1:]))
     dist.all_gather_into_tensor(gathered, padded.contiguous(), group=group)
-    return [
-        gathered[r * max_length : r * max_length + length] for r, length in enumerate(lengths)
-    ]
+    return [gathered[r * max_length : r * max_length + length] for r, length in enumerate(lengths)]
 
 
 def all_to_all_uneven(

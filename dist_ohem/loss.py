@@ -102,7 +102,7 @@ class OHEMLoss(nn.Module):
         """Scalar loss to back-propagate on this rank (see class docstring)."""
         try:
             losses = self._per_instance(input, target)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank by fail()
             self.selector.fail(f"the criterion raised {type(exc).__name__}: {exc}", input)
         valid = None
         if self.ignore_index is not None and not target.is_floating_point():
@@ -129,5 +129,7 @@ def masked_loss(
     scale = float(comm.get_world_size(group) if grad_average else 1)
     if reduction == "mean":
         scale /= max(result.num_selected_global, 1)
-    selected = torch.where(result.mask, losses, torch.zeros((), dtype=losses.dtype, device=losses.device))
+    selected = torch.where(
+        result.mask, losses, torch.zeros((), dtype=losses.dtype, device=losses.device)
+    )
     return selected.sum() * scale

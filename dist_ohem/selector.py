@@ -218,9 +218,7 @@ class HardExampleSelector:
             per_rank = (rows[:, _FORCED] + rows[:, _CANDIDATES]).tolist()
             threshold, strategy = math.nan, "none"
         elif self.scope == "local":
-            picked_per_rank = [
-                min(int(row[_CANDIDATES]), self._num_to_select(row)) for row in rows
-            ]
+            picked_per_rank = [min(int(row[_CANDIDATES]), self._num_to_select(row)) for row in rows]
             picked = top_m_mask(batch.keys, batch.candidate, picked_per_rank[rank])
             mask = batch.forced | picked
             per_rank = (rows[:, _FORCED] + torch.tensor(picked_per_rank)).tolist()
@@ -445,7 +443,9 @@ def _key_to_threshold(kth_key: int | None, loss_dtype: torch.dtype) -> float:
 def _empty_batch(losses: object) -> _LocalBatch:
     dtype = getattr(losses, "dtype", torch.float32)
     device = getattr(losses, "device", torch.device("cpu"))
-    loss_dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+    loss_dtype = (
+        dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+    )
     empty = torch.zeros(0, dtype=torch.bool, device=device)
     return _LocalBatch(
         losses=torch.zeros(0, dtype=loss_dtype, device=device),

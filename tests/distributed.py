@@ -24,7 +24,7 @@ DEFAULT_TIMEOUT_S = 60.0
 ERROR_GRACE_S = 5.0
 
 
-class RankFailure(AssertionError):
+class RankError(AssertionError):
     """A function failed or timed out on at least one rank."""
 
 
@@ -84,8 +84,10 @@ class RankPool:
             except queue.Empty:
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
                 if dead:
-                    raise RankFailure(f"rank(s) {dead} died (exit codes "
-                                      f"{[self._procs[r].exitcode for r in dead]})") from None
+                    raise RankError(
+                        f"rank(s) {dead} died (exit codes "
+                        f"{[self._procs[r].exitcode for r in dead]})"
+                    ) from None
                 continue
             outcomes[rank] = (ok, value)
             if not ok:
@@ -96,7 +98,9 @@ class RankPool:
             report = [f"--- rank {rank} raised:\n{tb}" for rank, tb in sorted(failures.items())]
             if missing:
                 report.append(f"--- rank(s) {missing} did not finish within the time limit")
-            raise RankFailure(f"{fn.__name__} failed on {self.world_size} ranks:\n" + "\n".join(report))
+            raise RankError(
+                f"{fn.__name__} failed on {self.world_size} ranks:\n" + "\n".join(report)
+            )
         return [outcomes[rank][1] for rank in range(self.world_size)]
 
     @property
@@ -132,7 +136,7 @@ class RankPools:
     ) -> list[Any]:
         """Run ``fn(*args, **kwargs)`` on every rank; return the W results, rank order.
 
-        Raises RankFailure with every failing rank's traceback if any rank raises or
+        Raises RankError with every failing rank's traceback if any rank raises or
         the call does not finish within ``timeout`` seconds.
         """
         pool = self._pools.get(world_size)
@@ -140,7 +144,7 @@ class RankPools:
             pool = self._pools[world_size] = RankPool(world_size)
         try:
             return pool.run(fn, *args, timeout=timeout, **kwargs)
-        except RankFailure:
+        except RankError:
             # Ranks may be stuck in a collective: never reuse this group.
             pool.close(graceful=False)
             del self._pools[world_size]

@@ -60,8 +60,10 @@ def brute_force(losses, valid, positive, rule_kind, param, min_kept):
 @st.composite
 def batches(draw, max_size=60):
     n = draw(st.integers(0, max_size))
-    pool = st.sampled_from(TIE_HEAVY) if draw(st.booleans()) else st.floats(
-        -1e6, 1e6, allow_nan=False, width=32
+    pool = (
+        st.sampled_from(TIE_HEAVY)
+        if draw(st.booleans())
+        else st.floats(-1e6, 1e6, allow_nan=False, width=32)
     )
     values = draw(st.lists(pool, min_size=n, max_size=n))
     valid = draw(st.lists(st.booleans(), min_size=n, max_size=n))
@@ -69,8 +71,10 @@ def batches(draw, max_size=60):
         valid = [True] * n
     positive = draw(st.lists(st.booleans(), min_size=n, max_size=n))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    return torch.tensor(values, dtype=dtype), torch.tensor(valid, dtype=torch.bool), torch.tensor(
-        positive, dtype=torch.bool
+    return (
+        torch.tensor(values, dtype=dtype),
+        torch.tensor(valid, dtype=torch.bool),
+        torch.tensor(positive, dtype=torch.bool),
     )
 
 
@@ -87,7 +91,7 @@ def rules(draw):
     elif kind == "top_k":
         param = value = draw(st.integers(0, 70))
     else:
-        param = value = draw(st.sampled_from(TIE_HEAVY + [-INF, 0.7]))
+        param = value = draw(st.sampled_from([*TIE_HEAVY, -INF, 0.7]))
     rule = SelectionRule(min_kept=min_kept, **{kind: value})
     return rule, kind, param, min_kept
 
@@ -97,7 +101,9 @@ def test_select_mask_matches_brute_force(batch, rule):
     losses, valid, positive = batch
     rule_obj, kind, param, min_kept = rule
     mask = select_mask(losses, rule_obj, valid, positive)
-    expected = brute_force(losses.tolist(), valid.tolist(), positive.tolist(), kind, param, min_kept)
+    expected = brute_force(
+        losses.tolist(), valid.tolist(), positive.tolist(), kind, param, min_kept
+    )
     assert set(mask.nonzero().squeeze(1).tolist()) == expected
 
 
@@ -105,10 +111,13 @@ def test_select_mask_matches_brute_force(batch, rule):
 def test_single_process_selector_matches_brute_force_for_both_strategies(batch, rule):
     losses, valid, positive = batch
     rule_obj, kind, param, min_kept = rule
-    expected = brute_force(losses.tolist(), valid.tolist(), positive.tolist(), kind, param, min_kept)
+    expected = brute_force(
+        losses.tolist(), valid.tolist(), positive.tolist(), kind, param, min_kept
+    )
     for strategy in ("gather", "radix"):
-        selector = HardExampleSelector(**{kind: rule_obj.__getattribute__(kind)},
-                                       min_kept=min_kept, strategy=strategy)
+        selector = HardExampleSelector(
+            **{kind: rule_obj.__getattribute__(kind)}, min_kept=min_kept, strategy=strategy
+        )
         result = selector(losses, valid, positive)
         assert set(result.mask.nonzero().squeeze(1).tolist()) == expected
         assert result.num_selected_global == result.num_selected_local == len(expected)
@@ -133,8 +142,10 @@ def test_hardness_order_is_sort_by_loss_then_index(batch):
     assert hardness_order(losses, valid).tolist() == expected
 
 
-@given(st.lists(st.floats(allow_nan=False, width=32), min_size=2, max_size=40),
-       st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]))
+@given(
+    st.lists(st.floats(allow_nan=False, width=32), min_size=2, max_size=40),
+    st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+)
 def test_hardness_key_preserves_order_and_round_trips(values, dtype):
     losses = torch.tensor(values, dtype=torch.float32).to(dtype)
     keys = hardness_key(losses)
