@@ -73,12 +73,14 @@ def exchange_rank_rows(
     Returns:
         ``(W, len(row))`` int64 tensor, row r from rank r.
     """
-    flagged = torch.cat([row.to(torch.int64), torch.tensor([int(error is not None)])])
+    flag = torch.tensor([int(error is not None)], device=row.device)
+    flagged = torch.cat([row.to(torch.int64), flag])
     if not is_distributed(group):
         rows = flagged.unsqueeze(0)
     else:
-        rows = torch.empty(get_world_size(group), flagged.numel(), dtype=torch.int64)
-        dist.all_gather_into_tensor(rows, flagged, group=group)
+        rows = flagged.new_empty(get_world_size(group) * flagged.numel())
+        _all_gather_concat(rows, flagged, group)
+        rows = rows.view(get_world_size(group), flagged.numel())
     if bool(rows[:, -1].any()):
         messages: list[str | None] = [error]
         if is_distributed(group):
@@ -119,16 +121,25 @@ def all_gather_uneven(
         return [tensor]
     world_size = get_world_size(group)
     if lengths is None:
-        local_length = torch.tensor([tensor.shape[0]], dtype=torch.int64)
-        all_lengths = torch.empty(world_size, dtype=torch.int64)
-        dist.all_gather_into_tensor(all_lengths, local_length, group=group)
+        local_length = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+        all_lengths = local_length.new_empty(world_size)
+        _all_gather_concat(all_lengths, local_length, group)
         lengths = all_lengths.tolist()
     max_length = max(lengths)
     padded = tensor.new_zeros((max_length, *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
     gathered = tensor.new_empty((world_size * max_length, *tensor.shape[1:]))
-    dist.all_gather_into_tensor(gathered, padded.contiguous(), group=group)
+    _all_gather_concat(gathered, padded, group)
     return [gathered[r * max_length : r * max_length + length] for r, length in enumerate(lengths)]
+
+
+def _all_gather_concat(
+    output: torch.Tensor, tensor: torch.Tensor, group: dist.ProcessGroup | None
+) -> None:
+    """``output`` = the ranks' ``tensor`` concatenated along dim 0 (equal sizes on all ranks)."""
+    # torch >= 2.10 names it all_gather_single and deprecates all_gather_into_tensor.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor.contiguous(), group=group)
 
 
 def all_to_all_uneven(
