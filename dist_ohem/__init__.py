@@ -15,6 +15,7 @@ from dist_ohem.selection import (
     top_m_mask,
 )
 from dist_ohem.selector import HardExampleSelector, SelectionResult
+from dist_ohem.step import StepOutput, ohem_step
 
 __all__ = [
     "DistributedInputError",
@@ -22,6 +23,7 @@ __all__ = [
     "OHEMLoss",
     "SelectionResult",
     "SelectionRule",
+    "StepOutput",
     "exact_ceil",
     "exact_floor",
     "hardness_key",
@@ -29,6 +31,7 @@ __all__ = [
     "key_to_loss",
     "kth_largest_key",
     "masked_loss",
+    "ohem_step",
     "per_instance_criterion",
     "random_keys",
     "select_mask",

@@ -11,7 +11,7 @@ from torch import nn
 from dist_ohem import comm
 from dist_ohem.selector import HardExampleSelector, SelectionResult
 
-__all__ = ["OHEMLoss", "per_instance_criterion"]
+__all__ = ["OHEMLoss", "masked_loss", "normalization_scale", "per_instance_criterion"]
 
 REDUCTIONS = ("mean", "sum")
 
@@ -112,6 +112,22 @@ class OHEMLoss(nn.Module):
         return masked_loss(losses, result, self.reduction, self.grad_average, self.selector.group)
 
 
+def normalization_scale(
+    result: SelectionResult,
+    reduction: str = "mean",
+    grad_average: bool = True,
+    group: object = None,
+) -> float:
+    """``c / M`` of DESIGN.md §4 (``c`` = world size when ``grad_average``, else 1).
+
+    ``reduction="sum"`` drops the ``1 / M``; with M = 0 the divisor is 1 (nothing selected).
+    """
+    scale = float(comm.get_world_size(group) if grad_average else 1)
+    if reduction == "mean":
+        scale /= max(result.num_selected_global, 1)
+    return scale
+
+
 def masked_loss(
     losses: torch.Tensor,
     result: SelectionResult,
@@ -121,15 +137,10 @@ def masked_loss(
 ) -> torch.Tensor:
     """``(c / M) * sum(losses[result.mask])`` per DESIGN.md §4, connected to the graph.
 
-    ``c`` is the world size of ``group`` when ``grad_average`` (else 1); ``/ M`` only
-    for ``reduction="mean"``. With nothing selected the value is 0 but still depends on
-    ``losses``, so the backward pass and DDP's gradient all-reduce run on every rank.
-    ``torch.where`` (not a product) keeps unselected ``inf``/NaN out of the value.
+    With nothing selected the value is 0 but still depends on ``losses``, so the
+    backward pass and DDP's gradient all-reduce run on every rank. ``torch.where`` (not
+    a product) keeps unselected ``inf``/NaN out of the value.
     """
-    scale = float(comm.get_world_size(group) if grad_average else 1)
-    if reduction == "mean":
-        scale /= max(result.num_selected_global, 1)
-    selected = torch.where(
-        result.mask, losses, torch.zeros((), dtype=losses.dtype, device=losses.device)
-    )
-    return selected.sum() * scale
+    zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
+    selected = torch.where(result.mask, losses, zero)
+    return selected.sum() * normalization_scale(result, reduction, grad_average, group)
