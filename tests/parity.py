@@ -11,8 +11,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from dist_ohem import HardExampleSelector, SelectionRule, select_mask
+
+NUM_CLASSES = 4
+IGNORE = -100
 
 
 @dataclass
@@ -37,6 +41,23 @@ def global_losses(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     valid = torch.rand(n, generator=gen) > 0.2
     positive = torch.rand(n, generator=gen) < 0.3
     return losses, valid, positive
+
+
+def make_mlp() -> nn.Module:
+    """The same small MLP (8 -> 4 classes) on every rank and in the reference."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, NUM_CLASSES))
+
+
+def classification_batch(
+    seed: int, n: int, ignore_fraction: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` examples of 8 features, 4 classes; a fraction of targets set to IGNORE."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(n, 8, generator=gen)
+    targets = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    targets[torch.rand(n, generator=gen) < ignore_fraction] = IGNORE
+    return inputs, targets
 
 
 def rank_slice(tensor: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:

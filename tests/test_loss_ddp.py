@@ -9,29 +9,21 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_ohem import OHEMLoss
 from dist_ohem.comm import get_rank
-from tests.parity import rank_slice, reference_mask
+from tests.parity import (
+    IGNORE,
+    NUM_CLASSES,
+    classification_batch,
+    make_mlp,
+    rank_slice,
+    reference_mask,
+)
 
-NUM_CLASSES = 4
-IGNORE = -100
 TOLERANCE = 1e-6
-
-
-def make_mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, NUM_CLASSES))
 
 
 def make_conv() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, NUM_CLASSES, 1))
-
-
-def classification_batch(seed: int, n: int, ignore_fraction: float):
-    gen = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(n, 8, generator=gen)
-    targets = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
-    targets[torch.rand(n, generator=gen) < ignore_fraction] = IGNORE
-    return inputs, targets
 
 
 def segmentation_batch(seed: int, n: int):
