@@ -221,14 +221,14 @@ class HardExampleSelector:
             picked_per_rank = [min(int(row[_CANDIDATES]), self._num_to_select(row)) for row in rows]
             picked = top_m_mask(batch.keys, batch.candidate, picked_per_rank[rank])
             mask = batch.forced | picked
-            per_rank = (rows[:, _FORCED] + torch.tensor(picked_per_rank)).tolist()
+            per_rank = _add(rows[:, _FORCED].tolist(), picked_per_rank)
             kth_key = int(batch.keys[picked].min()) if picked.any() else None
             threshold = _key_to_threshold(kth_key, batch.losses.dtype)
             strategy = "none"
         else:
             picked, picked_per_rank, kth_key, strategy = self._select_global(batch, rows, rank)
             mask = batch.forced | picked
-            per_rank = (rows[:, _FORCED] + torch.tensor(picked_per_rank)).tolist()
+            per_rank = _add(rows[:, _FORCED].tolist(), picked_per_rank)
             threshold = math.nan
             if self.scope == "global":
                 threshold = _key_to_threshold(kth_key, batch.losses.dtype)
@@ -462,6 +462,10 @@ def _to_signed64(value: int) -> int:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _add(left: list[int], right: list[int]) -> list[int]:
+    return [a + b for a, b in zip(left, right, strict=True)]
 
 
 def _count(mask: torch.Tensor) -> int:
