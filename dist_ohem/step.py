@@ -263,6 +263,8 @@ def _balance(
     rank = comm.get_rank(selector.group)
     total = selection.num_selected_global
     share = [total // world_size + (1 if q < total % world_size else 0) for q in range(world_size)]
+    if list(selection.selected_per_rank) == share:
+        return inputs, targets  # already balanced; every rank knows it and skips together
     owned_start = _prefix_sums(list(selection.selected_per_rank))
     share_start = _prefix_sums(share)
 
