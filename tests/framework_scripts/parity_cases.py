@@ -1,0 +1,190 @@
+"""Cases, data and single-process references shared by the framework parity scripts.
+
+``accelerate_step.py`` and ``deepspeed_step.py`` run under a real launcher on 2 CPU
+ranks. Each trains every case of :data:`CASES` with :func:`dist_ohem.ohem_step` and one
+plain SGD step (no momentum, no weight decay, no clipping), so that the parameters after
+the step are ``p - LR * g`` with ``g`` the gradient the framework averaged over ranks.
+:func:`run_cases` compares them with the update a single process makes on the
+concatenated batch and rank 0 writes one JSON record per run (case x framework setup),
+which ``tests/test_step_frameworks.py`` checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_ohem import HardExampleSelector, SelectionRule, StepOutput, ohem_step, select_mask
+from tests.parity import rank_slice
+
+WORLD_SIZE = 2
+#: SGD learning rate: 1 makes the parameter difference equal the gradient difference.
+LR = 1.0
+FEATURES = 8
+NUM_CLASSES = 4
+CRITERION = nn.CrossEntropyLoss()
+
+
+@dataclass(frozen=True)
+class Case:
+    """One optimizer step: a selection rule and the per-rank sizes of each micro-batch.
+
+    ``micro_batches[b][r]`` examples of micro-batch ``b`` belong to rank ``r``; all
+    micro-batches of a case are accumulated into one optimizer step.
+    """
+
+    name: str
+    rule: dict
+    micro_batches: tuple[tuple[int, ...], ...]
+    balance: bool = False
+    seed: int = 0
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step."""
+        return len(self.micro_batches)
+
+    def batch_seed(self, micro_batch: int) -> int:
+        """Seed of the global batch of one micro-batch."""
+        return 1000 * self.seed + micro_batch
+
+
+CASES = (
+    Case("keep", {"keep": 0.3}, ((9, 4),), seed=2),
+    Case("keep-balance", {"keep": 0.3}, ((9, 4),), balance=True, seed=2),
+    # M = 1: one rank trains nothing and back-propagates the zero-weight loss.
+    Case("top1", {"top_k": 1}, ((6, 7),), seed=2),
+    Case("top1-balance", {"top_k": 1}, ((6, 7),), balance=True, seed=2),
+    Case("accumulate", {"keep": 0.5}, ((9, 4), (3, 10)), seed=3),
+    Case("accumulate-balance", {"keep": 0.5}, ((9, 4), (3, 10)), balance=True, seed=3),
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One case under one framework configuration, named in the JSON results."""
+
+    name: str
+    case: Case
+    zero_stage: int | None = None
+
+
+ACCELERATE_RUNS = tuple(Run(case.name, case) for case in CASES)
+DEEPSPEED_RUNS = tuple(
+    Run(f"zero{stage}-{case.name}", case, stage) for stage in (0, 2) for case in CASES
+)
+
+
+def make_model() -> nn.Module:
+    """The same small MLP (no BatchNorm, no dropout) on every rank and in the reference."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, NUM_CLASSES))
+
+
+def global_batch(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The concatenated batch of all ranks (rank-major), generated from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(n, FEATURES, generator=gen)
+    targets = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    return inputs, targets
+
+
+def local_micro_batches(case: Case, rank: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's slice of every micro-batch of ``case``."""
+    for index, sizes in enumerate(case.micro_batches):
+        inputs, targets = global_batch(case.batch_seed(index), sum(sizes))
+        yield rank_slice(inputs, list(sizes), rank), rank_slice(targets, list(sizes), rank)
+
+
+def step(
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    case: Case,
+    selector: HardExampleSelector,
+    backward: Callable[[torch.Tensor], object],
+) -> StepOutput:
+    """:func:`ohem_step` on one local micro-batch with the case's settings."""
+    inputs, targets = batch
+    return ohem_step(
+        model, inputs, targets, CRITERION, selector, backward=backward, balance=case.balance
+    )
+
+
+def reference(case: Case) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Single process: parameters after ``p - LR * mean_b(g_b)`` and selected counts per rank.
+
+    ``g_b`` is the gradient of the mean loss over the examples that
+    :func:`select_mask` picks on the concatenated micro-batch ``b``; every ``g_b`` is
+    taken at the initial parameters, as gradient accumulation does.
+    """
+    model = make_model()
+    selected_per_rank = []
+    for index, sizes in enumerate(case.micro_batches):
+        inputs, targets = global_batch(case.batch_seed(index), sum(sizes))
+        losses = nn.functional.cross_entropy(model(inputs), targets, reduction="none")
+        mask = select_mask(losses.detach(), SelectionRule(**case.rule))
+        (losses[mask].mean() / case.accumulation_steps).backward()
+        selected_per_rank.append([int(part.sum()) for part in mask.split(list(sizes))])
+    with torch.no_grad():
+        params = [p - LR * p.grad for p in model.parameters()]
+    return params, selected_per_rank
+
+
+def run_cases(
+    runs: tuple[Run, ...],
+    train: Callable[[Run], tuple[list[torch.Tensor], list[StepOutput], dict]],
+) -> None:
+    """Train every run on this rank; rank 0 writes the JSON results to ``--out``.
+
+    ``train(run)`` does the framework's optimizer step over all micro-batches of
+    ``run.case`` and returns the full updated parameters, the :class:`StepOutput` of
+    every micro-batch and extra facts to record (the wrapper type, the ZeRO stage).
+    """
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True, help="JSON file written by rank 0")
+    out_path = parser.parse_args().out
+    world_size = dist.get_world_size()
+    if world_size != WORLD_SIZE:
+        raise SystemExit(f"expected {WORLD_SIZE} ranks, the launcher started {world_size}")
+    results = {}
+    for run in runs:
+        params, outputs, facts = train(run)
+        expected, reference_selected = reference(run.case)
+        diff = max(
+            (got.detach() - want).abs().max().item()
+            for got, want in zip(params, expected, strict=True)
+        )
+        diff_tensor = torch.tensor(diff, dtype=torch.float64)
+        dist.all_reduce(diff_tensor, op=dist.ReduceOp.MAX)
+        trained = [None] * world_size
+        dist.all_gather_object(trained, [out.num_trained_local for out in outputs])
+        results[run.name] = {
+            "max_abs_diff": diff_tensor.item(),
+            "world_size": world_size,
+            "selected_per_rank": [list(out.selection.selected_per_rank) for out in outputs],
+            "reference_selected_per_rank": reference_selected,
+            "trained_per_rank": [list(counts) for counts in zip(*trained, strict=True)],
+            **facts,
+        }
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+def leave_process_group() -> None:
+    """Free the dead engines, then leave the process group together.
+
+    Reference cycles keep finished DeepSpeed engines, and the process group they hold,
+    alive until a garbage collection; one left to interpreter exit makes gloo abort
+    ("terminate called without an active exception") now and then.
+    """
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

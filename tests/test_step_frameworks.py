@@ -1,0 +1,171 @@
+"""DESIGN.md §4 invariant for ohem_step under real Accelerate and DeepSpeed launches.
+
+Each framework is launched once, as a real launcher subprocess on 2 CPU ranks (gloo),
+and runs every case of ``tests/framework_scripts/parity_cases.py`` (balance off and on,
+an idle rank, gradient accumulation over 2 uneven micro-batches; DeepSpeed under ZeRO
+stages 0 and 2). A case takes one plain SGD step with LR = 1, so the parameters after
+the step differ from the single-process reference ``p - LR * g`` by exactly the
+gradient difference; the script records that difference per case in a JSON file.
+
+Tolerance 1e-6 in fp32: the gradients here are O(0.1-1) and the two sides differ only
+in summation order (per-rank partial sums averaged by the engine vs. one backward over
+the concatenated batch), a few ulps (observed <= 1e-7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.framework_scripts.parity_cases import ACCELERATE_RUNS, DEEPSPEED_RUNS, WORLD_SIZE, Run
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "framework_scripts"
+TOLERANCE = 1e-6
+#: A launch takes ~7 s (Accelerate) or ~12 s (DeepSpeed) on 2 cores; kill it long before
+#: pytest-timeout's 300 s so that the failure shows the launcher's output.
+LAUNCH_TIMEOUT_S = 180
+#: Launcher output shown on failure (DeepSpeed is verbose): the last this many characters.
+OUTPUT_TAIL = 20000
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bound to port 0, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(what: str, command: list[str], env: dict[str, str], out: Path) -> dict:
+    """Run a launcher to completion; return the JSON that its rank 0 wrote to ``out``.
+
+    Fails the test, with the launcher's output, on a non-zero exit, a missing result or a
+    timeout. On a timeout the launcher and every process below it are killed: the ranks
+    run in sessions of their own (torch elastic starts them so), out of reach of a
+    process-group kill. The output goes to a file, not a pipe, so that nothing left
+    holding it can block the test.
+    """
+    child_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **env,
+    }
+    log_path = out.with_suffix(".log")
+    with (
+        open(log_path, "w") as log,
+        subprocess.Popen(
+            [*command, "--out", str(out)], cwd=REPO, env=child_env, stdout=log, stderr=log
+        ) as proc,
+    ):
+        try:
+            proc.wait(timeout=LAUNCH_TIMEOUT_S)
+            problem = None
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            proc.wait()
+            problem = f"did not finish within {LAUNCH_TIMEOUT_S} s and was killed"
+    if problem is None and (proc.returncode != 0 or not out.exists()):
+        problem = f"exited with code {proc.returncode} (result written: {out.exists()})"
+    if problem is not None:
+        pytest.fail(f"{what} {problem}; its output:\n{log_path.read_text()[-OUTPUT_TAIL:]}")
+    return json.loads(out.read_text())
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL process ``pid`` and all its descendants."""
+    import psutil  # a dependency of accelerate and of deepspeed, the launchers tested here
+
+    root = psutil.Process(pid)
+    for process in [*root.children(recursive=True), root]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def require(module: str) -> None:
+    """Skip when ``module`` is not installed (it is in CI: the accelerate/deepspeed extras)."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed")
+
+
+@pytest.fixture(scope="module")
+def accelerate_results(tmp_path_factory) -> dict:
+    """One ``accelerate launch --multi_gpu`` of 2 CPU ranks running every Accelerate case."""
+    require("accelerate")
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(WORLD_SIZE),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(SCRIPTS / "accelerate_step.py"),
+    ]
+    out = tmp_path_factory.mktemp("accelerate") / "result.json"
+    return launch("accelerate launch", command, {"ACCELERATE_USE_CPU": "1"}, out)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_results(tmp_path_factory) -> dict:
+    """One ``torchrun`` of 2 CPU ranks running every DeepSpeed case (ZeRO 0 and 2)."""
+    require("deepspeed")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={WORLD_SIZE}",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        str(SCRIPTS / "deepspeed_step.py"),
+    ]
+    out = tmp_path_factory.mktemp("deepspeed") / "result.json"
+    return launch("torchrun (DeepSpeed)", command, {"DS_ACCELERATOR": "cpu"}, out)
+
+
+def check_run(results: dict, run: Run, wrapper: str) -> None:
+    """The recorded run used 2 ranks and the framework, selected like the reference,
+    balanced when asked, and updated the parameters like the reference (<= TOLERANCE)."""
+    assert run.name in results, f"no result for {run.name}; got {sorted(results)}"
+    result = results[run.name]
+    assert result["world_size"] == WORLD_SIZE
+    assert result["wrapper"] == wrapper
+    assert result.get("zero_stage") == run.zero_stage
+    assert result["selected_per_rank"] == result["reference_selected_per_rank"]
+    selected, trained = result["selected_per_rank"], result["trained_per_rank"]
+    if run.case.balance:
+        for counts, owned in zip(trained, selected, strict=True):
+            assert sum(counts) == sum(owned), f"examples lost or duplicated: {trained}"
+            assert max(counts) - min(counts) <= 1, f"not floor/ceil(M/W): {trained}"
+        # The cases' selections are uneven, so balancing must have moved examples.
+        assert trained != selected
+    else:
+        assert trained == selected
+    assert result["max_abs_diff"] <= TOLERANCE, (
+        f"{run.name}: max |param - reference| {result['max_abs_diff']:.3e} > {TOLERANCE}"
+    )
+
+
+@pytest.mark.parametrize("run", ACCELERATE_RUNS, ids=lambda run: run.name)
+def test_accelerate_ohem_step_matches_single_process(accelerate_results, run):
+    check_run(accelerate_results, run, "DistributedDataParallel")
+
+
+@pytest.mark.parametrize("run", DEEPSPEED_RUNS, ids=lambda run: run.name)
+def test_deepspeed_ohem_step_matches_single_process(deepspeed_results, run):
+    check_run(deepspeed_results, run, "DeepSpeedEngine")
