@@ -223,7 +223,9 @@ class SelectionRule:
         """Candidates whose loss is strictly above ``loss_thresh`` (all False for other rules)."""
         if self.loss_thresh is None:
             return torch.zeros_like(candidate)
-        return candidate & (losses > self.loss_thresh)
+        # In float64: comparing a float32 tensor with a Python float rounds the threshold
+        # to float32 first, and float32(1e-30) > 1e-30 would then not count as above it.
+        return candidate & (losses.double() > self.loss_thresh)
 
     def num_candidates_to_select(
         self, num_valid: int, num_forced: int, num_candidates: int, num_above: int

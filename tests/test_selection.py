@@ -217,3 +217,10 @@ def test_random_keys_are_uniform_and_deterministic():
         hits += top_m_mask(random_keys(index, 0, stream), torch.ones(n, dtype=torch.bool), m)
     expected = draws * m / n
     assert ((hits - expected).abs() < 5 * math.sqrt(expected)).all(), hits
+
+
+def test_threshold_compares_exact_values_not_the_threshold_rounded_to_float32():
+    losses = torch.tensor([1e-30, 0.0], dtype=torch.float32)  # float32(1e-30) > 1e-30
+    assert select_mask(losses, SelectionRule(loss_thresh=1e-30)).tolist() == [True, False]
+    result = HardExampleSelector(loss_thresh=1e-30)(losses)
+    assert result.mask.tolist() == [True, False]
