@@ -10,7 +10,8 @@ from tests.distributed import RankPools
 
 torch.set_num_threads(1)
 settings.register_profile("ci", max_examples=300, deadline=None)
-settings.load_profile("ci")
+settings.register_profile("heavy", max_examples=5000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")
