@@ -62,6 +62,8 @@ class StepOutput:
             is the average of ``loss`` over ranks.
         selection: the :class:`SelectionResult` of the scoring pass.
         num_trained_local: examples this rank trained on (after balancing).
+        scores: ``(N,)`` per-example losses of the local batch from the scoring pass
+            (detached), e.g. for logging the mean loss over all K examples.
         timings: seconds per phase: ``scoring``, ``selection``, ``communication``
             (the balance all-to-all; 0 without balance) and ``training``
             (forward + backward), measured on the host.
@@ -70,6 +72,7 @@ class StepOutput:
     loss: torch.Tensor
     selection: SelectionResult
     num_trained_local: int
+    scores: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -150,7 +153,7 @@ def ohem_step(
         loss = _zero_weight_loss(model, module, inputs, targets, per_instance, reduce_to_examples)
     (backward or torch.Tensor.backward)(loss)
     timings["training"] = time.perf_counter() - started
-    return StepOutput(loss.detach(), selection, num_trained, timings)
+    return StepOutput(loss.detach(), selection, num_trained, scores, timings)
 
 
 def mean_per_example(losses: torch.Tensor) -> torch.Tensor:

@@ -269,3 +269,15 @@ def test_rank_with_nothing_selected_leaves_batchnorm_untouched(ranks):
     assert unchanged_1 and tracked_1 == 0  # the zero-weight forward left no trace
     assert_close_grads(grads_0, grads_1, "DDP-averaged gradients")
     assert any(g.abs().sum() > 0 for g in grads_0)
+
+
+def test_step_output_reports_scores_counts_and_phase_times():
+    inputs, targets = classification_batch(4, 12)
+    model = make_mlp()
+    out = ohem_step(model, inputs, targets, nn.CrossEntropyLoss(), HardExampleSelector(top_k=3))
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(make_mlp()(inputs), targets, reduction="none")
+    torch.testing.assert_close(out.scores, expected)
+    assert out.num_trained_local == 3 and out.selection.num_selected_global == 3
+    assert set(out.timings) == {"scoring", "selection", "communication", "training"}
+    torch.testing.assert_close(out.loss, expected.topk(3).values.mean())
