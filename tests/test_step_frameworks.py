@@ -14,18 +14,18 @@ the concatenated batch), a few ulps (observed <= 1e-7).
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from launch.train import free_port
 from tests.framework_scripts.parity_cases import ACCELERATE_RUNS, DEEPSPEED_RUNS, WORLD_SIZE, Run
+from tests.launching import kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "framework_scripts"
@@ -35,13 +35,6 @@ TOLERANCE = 1e-6
 LAUNCH_TIMEOUT_S = 180
 #: Launcher output shown on failure (DeepSpeed is verbose): the last this many characters.
 OUTPUT_TAIL = 20000
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (bound to port 0, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(what: str, command: list[str], env: dict[str, str], out: Path) -> dict:
@@ -79,16 +72,6 @@ def launch(what: str, command: list[str], env: dict[str, str], out: Path) -> dic
     if problem is not None:
         pytest.fail(f"{what} {problem}; its output:\n{log_path.read_text()[-OUTPUT_TAIL:]}")
     return json.loads(out.read_text())
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL process ``pid`` and all its descendants."""
-    import psutil  # a dependency of accelerate and of deepspeed, the launchers tested here
-
-    root = psutil.Process(pid)
-    for process in [*root.children(recursive=True), root]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
 
 
 def require(module: str) -> None:

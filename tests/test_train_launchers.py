@@ -7,7 +7,6 @@ pytest's tmp dirs.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -22,10 +21,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
 from launch.train import ConfigError, free_port, parse_args
+from tests.launching import kill_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -70,16 +69,6 @@ class Launch:
     def output(self) -> str:
         """Everything the launcher and its ranks printed so far."""
         return self.log.read_text(errors="replace")
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a launcher and every process below it: torchrun and Accelerate start the
-    ranks in sessions of their own, out of reach of a process-group kill."""
-    with contextlib.suppress(psutil.NoSuchProcess):
-        launcher = psutil.Process(pid)
-        for process in [*launcher.children(recursive=True), launcher]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
 
 
 @contextmanager
