@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from launch.train import free_port
 from tests.framework_scripts.parity_cases import ACCELERATE_RUNS, DEEPSPEED_RUNS, WORLD_SIZE, Run
-from tests.launching import kill_tree
+from tests.launching import REPO, child_env, kill_tree, launcher_command
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "framework_scripts"
 TOLERANCE = 1e-6
 #: A launch takes ~7 s (Accelerate) or ~12 s (DeepSpeed) on 2 cores; kill it long before
@@ -37,7 +33,7 @@ LAUNCH_TIMEOUT_S = 180
 OUTPUT_TAIL = 20000
 
 
-def launch(what: str, command: list[str], env: dict[str, str], out: Path) -> dict:
+def launch(what: str, command: list[str], out: Path) -> dict:
     """Run a launcher to completion; return the JSON that its rank 0 wrote to ``out``.
 
     Fails the test, with the launcher's output, on a non-zero exit, a missing result or a
@@ -46,18 +42,11 @@ def launch(what: str, command: list[str], env: dict[str, str], out: Path) -> dic
     process-group kill. The output goes to a file, not a pipe, so that nothing left
     holding it can block the test.
     """
-    child_env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        **env,
-    }
     log_path = out.with_suffix(".log")
     with (
         open(log_path, "w") as log,
         subprocess.Popen(
-            [*command, "--out", str(out)], cwd=REPO, env=child_env, stdout=log, stderr=log
+            [*command, "--out", str(out)], cwd=REPO, env=child_env(), stdout=log, stderr=log
         ) as proc,
     ):
         try:
@@ -80,45 +69,25 @@ def require(module: str) -> None:
         pytest.skip(f"{module} is not installed")
 
 
+def launch_script(tmp_path_factory, launcher: str, script: str) -> dict:
+    """Launch ``script`` on 2 CPU ranks under ``launcher``; return its rank 0's results."""
+    out = tmp_path_factory.mktemp(launcher) / "result.json"
+    command = [*launcher_command(launcher, WORLD_SIZE), str(SCRIPTS / script)]
+    return launch(launcher, command, out)
+
+
 @pytest.fixture(scope="module")
 def accelerate_results(tmp_path_factory) -> dict:
     """One ``accelerate launch --multi_gpu`` of 2 CPU ranks running every Accelerate case."""
     require("accelerate")
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(WORLD_SIZE),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(SCRIPTS / "accelerate_step.py"),
-    ]
-    out = tmp_path_factory.mktemp("accelerate") / "result.json"
-    return launch("accelerate launch", command, {"ACCELERATE_USE_CPU": "1"}, out)
+    return launch_script(tmp_path_factory, "accelerate", "accelerate_step.py")
 
 
 @pytest.fixture(scope="module")
 def deepspeed_results(tmp_path_factory) -> dict:
     """One ``torchrun`` of 2 CPU ranks running every DeepSpeed case (ZeRO 0 and 2)."""
     require("deepspeed")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={WORLD_SIZE}",
-        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-        str(SCRIPTS / "deepspeed_step.py"),
-    ]
-    out = tmp_path_factory.mktemp("deepspeed") / "result.json"
-    return launch("torchrun (DeepSpeed)", command, {"DS_ACCELERATOR": "cpu"}, out)
+    return launch_script(tmp_path_factory, "torchrun", "deepspeed_step.py")
 
 
 def check_run(results: dict, run: Run, wrapper: str) -> None:

@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,12 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from launch.train import ConfigError, free_port, parse_args
-from tests.launching import kill_tree
+from launch.train import ConfigError, parse_args
+from tests.launching import REPO, child_env, kill_tree, launcher_command
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "launch" / "train.py")
-BIN = Path(sys.executable).parent
+TRAIN = str(REPO / "launch" / "train.py")
 #: A small task: 2 x 64 examples a step, a log line every step.
 TASK = ["--batch_size=64", "--num_train=2048", "--num_test=256", "--num_test_hard=64"]
 TASK += ["--log_interval=1"]
@@ -41,21 +38,6 @@ LONG += ["--scope=random", "--dropout=0.1", "--balance"]
 ENGINE_ARGS = {"torchrun": [], "deepspeed": ["--config", "configs/deepspeed.toml"]}
 #: The first DeepSpeed run on a machine compiles its CPU comm op (35-80 s, then cached).
 TIMEOUT_S = {"python": 60, "torchrun": 90, "accelerate": 120, "deepspeed": 300}
-
-
-def launcher_command(launcher: str) -> list[str]:
-    """The command that starts 2 ranks of train.py (1 process for "python")."""
-    port = str(free_port())
-    return {
-        "python": [sys.executable],
-        "torchrun": [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_port", port],
-        "accelerate": [
-            str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", port,
-        ],
-        "deepspeed": [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", port],
-    }[launcher]  # fmt: skip
 
 
 @dataclass
@@ -77,20 +59,13 @@ def running(launcher: str, out_dir: Path, *args: str) -> Iterator[Launch]:
 
     The output goes to a file, not a pipe: a rank left behind cannot block the test.
     """
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "ACCELERATE_USE_CPU": "1",
-        "DS_ACCELERATOR": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, log = tempfile.mkstemp(dir=out_dir, prefix=f"{launcher}-", suffix=".log")
     with os.fdopen(fd, "w") as log_file:
         proc = subprocess.Popen(
             [*launcher_command(launcher), TRAIN, f"--out_dir={out_dir}", *args],
-            cwd=ROOT,
-            env=env,
+            cwd=REPO,
+            env=child_env(),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # signals to the test's group do not reach it
