@@ -158,7 +158,8 @@ def ohem_step(
 
 def mean_per_example(losses: torch.Tensor) -> torch.Tensor:
     """``(N, ...) -> (N,)``: mean over every non-batch dim (identity for ``(N,)``)."""
-    return losses.reshape(losses.shape[0], -1).mean(dim=1) if losses.dim() > 1 else losses
+    # flatten, not reshape(N, -1): the latter is ambiguous for an empty batch (N = 0).
+    return losses.flatten(1).mean(dim=1) if losses.dim() > 1 else losses
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -281,3 +281,12 @@ def test_step_output_reports_scores_counts_and_phase_times():
     assert out.num_trained_local == 3 and out.selection.num_selected_global == 3
     assert set(out.timings) == {"scoring", "selection", "communication", "training"}
     torch.testing.assert_close(out.loss, expected.topk(3).values.mean())
+
+
+def test_mean_per_example_handles_dense_and_empty_batches():
+    from dist_ohem.step import mean_per_example
+
+    dense = torch.arange(24.0).view(2, 3, 4)
+    torch.testing.assert_close(mean_per_example(dense), dense.view(2, -1).mean(1))
+    assert mean_per_example(torch.zeros(0, 3, 4)).shape == (0,)
+    assert mean_per_example(torch.ones(5)).tolist() == [1.0] * 5
