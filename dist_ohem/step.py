@@ -88,6 +88,7 @@ def ohem_step(
     score_mode: str = "no_grad_train",
     example_score: Callable[[torch.Tensor], torch.Tensor] | None = None,
     grad_average: bool = True,
+    positive: torch.Tensor | None = None,
 ) -> StepOutput:
     """One two-pass OHEM forward/backward (no optimizer step). Call on every rank.
 
@@ -113,6 +114,7 @@ def ohem_step(
             gives the training loss of each example.
         grad_average: the engine averages gradients over ranks (DDP, Accelerate and
             DeepSpeed do); False when it sums them.
+        positive: ``(N,)`` bool, the positive examples; required by ``neg_pos_ratio``.
 
     Returns:
         :class:`StepOutput`.
@@ -133,7 +135,7 @@ def ohem_step(
     timings["scoring"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    selection = selector(scores)
+    selection = selector(scores, positive=positive)
     timings["selection"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -33,10 +33,15 @@ def skewed_batch(seed: int, sizes: list[int], hard_rank: int | None):
     return inputs, targets
 
 
+def positives(targets, kwargs):
+    """Class 0 is the positive class of the ``neg_pos_ratio`` cases (None otherwise)."""
+    return targets == 0 if "neg_pos_ratio" in kwargs else None
+
+
 def reference_grads(inputs, targets, kwargs, sizes):
     model = make_mlp()
     losses = nn.functional.cross_entropy(model(inputs), targets, reduction="none")
-    mask = reference_mask(kwargs, sizes, losses.detach(), None, None)
+    mask = reference_mask(kwargs, sizes, losses.detach(), None, positives(targets, kwargs))
     (losses[mask].sum() / max(int(mask.sum()), 1)).backward()
     return [p.grad for p in model.parameters()]
 
@@ -53,10 +58,13 @@ def step_on_rank(seed, sizes, kwargs, balance, hard_rank):
         nn.CrossEntropyLoss(),
         HardExampleSelector(**kwargs),
         balance=balance,
+        positive=positives(targets, kwargs),
     )
     mask_model = make_mlp()
     mask_ddp = DDP(mask_model)  # held: a collected DDP wrapper would skip its all-reduce
-    OHEMLoss(nn.CrossEntropyLoss(), **kwargs)(mask_ddp(inputs), targets).backward()
+    OHEMLoss(nn.CrossEntropyLoss(), **kwargs)(
+        mask_ddp(inputs), targets, positives(targets, kwargs)
+    ).backward()
     return (
         [p.grad.clone() for p in model.parameters()],
         [p.grad.clone() for p in mask_model.parameters()],
@@ -82,6 +90,7 @@ SIZES = {1: [11], 2: [7, 12], 3: [5, 0, 9], 4: [6, 3, 10, 1]}
         ({"keep": 0.3}, None),
         ({"top_k": 4, "strategy": "radix"}, None),
         ({"keep": 0.25, "scope": "local"}, None),
+        ({"neg_pos_ratio": 2.0, "min_kept": 2}, None),
         ({"top_k": 5}, 0),  # rank 0 owns all selected; the others own none
         ({"top_k": 1}, -1),  # the last rank owns the only selected example
     ],
