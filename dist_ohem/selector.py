@@ -9,13 +9,15 @@ One call does, on every rank:
 4. the k-selection itself: ``"gather"`` (all-gather the keys) or ``"radix"`` (all-reduce
    histograms of the keys, then one tiny all-gather of tie counts). Both end in the
    same mask as :func:`dist_ohem.selection.select_mask` on the concatenated batch.
+   Skipped when the global counts of step 2 already decide the mask: nothing to select,
+   every candidate, or (``loss_thresh``) at least ``min_kept`` losses above the threshold.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NoReturn
 
 import torch
@@ -43,7 +45,20 @@ AUTO_RADIX_MIN_KEYS = 1 << 17
 RADIX_BITS = 11
 
 # Columns of the per-rank row exchanged on every call.
-_NUMEL, _VALID, _NAN, _FORCED, _CANDIDATES, _ABOVE, _MIN_KEY, _CONFIG, _KEY_BITS, _CALLS = range(10)
+(
+    _NUMEL,
+    _VALID,
+    _NAN,
+    _FORCED,
+    _CANDIDATES,
+    _ABOVE,
+    _MIN_KEY,
+    _MIN_ABOVE_KEY,
+    _CONFIG,
+    _KEY_BITS,
+    _CALLS,
+) = range(11)
+_NO_KEY = 2**63 - 1  # the min of no keys
 
 
 @dataclass
@@ -87,10 +102,9 @@ class _LocalBatch:
     forced: torch.Tensor
     candidate: torch.Tensor
     keys: torch.Tensor
+    above: torch.Tensor
     num_valid: int = 0
     num_nan: int = 0
-    num_above: int = 0
-    min_candidate_key: int = field(default=2**63 - 1)
 
 
 class HardExampleSelector:
@@ -284,28 +298,26 @@ class HardExampleSelector:
             forced, candidate = torch.zeros_like(valid_flat), valid_flat
         else:
             forced, candidate = self.rule.split(valid_flat, positive_flat)
-        keys = hardness_key(flat)
-        candidate_keys = keys[candidate]
         return _LocalBatch(
             losses=flat,
             forced=forced,
             candidate=candidate,
-            keys=keys,
+            keys=hardness_key(flat),
+            above=self.rule.above_threshold(flat, candidate),
             num_valid=_count(valid_flat),
             num_nan=num_nan,
-            num_above=_count(self.rule.above_threshold(flat, candidate)),
-            min_candidate_key=int(candidate_keys.min()) if candidate_keys.numel() else 2**63 - 1,
         )
 
     def _row(self, batch: _LocalBatch) -> torch.Tensor:
-        row = [0] * 10
+        row = [0] * 11
         row[_NUMEL] = batch.losses.numel()
         row[_VALID] = batch.num_valid
         row[_NAN] = batch.num_nan
         row[_FORCED] = _count(batch.forced)
         row[_CANDIDATES] = _count(batch.candidate)
-        row[_ABOVE] = batch.num_above
-        row[_MIN_KEY] = batch.min_candidate_key
+        row[_ABOVE] = _count(batch.above)
+        row[_MIN_KEY] = _min_key(batch.keys, batch.candidate)
+        row[_MIN_ABOVE_KEY] = _min_key(batch.keys, batch.above)
         row[_CONFIG] = self._config_hash
         row[_KEY_BITS] = torch.iinfo(batch.keys.dtype).bits
         row[_CALLS] = self.num_calls
@@ -353,6 +365,11 @@ class HardExampleSelector:
         if num_to_select >= int(totals[_CANDIDATES]):
             min_key = int(rows[:, _MIN_KEY].min())
             return batch.candidate.clone(), rows[:, _CANDIDATES].tolist(), min_key, strategy
+        if self.scope == "global" and num_to_select == int(totals[_ABOVE]):
+            # Threshold rule with at least min_kept losses above t: the top m are exactly
+            # those (none of them ties with a loss <= t), so no k-selection is needed.
+            min_key = int(rows[:, _MIN_ABOVE_KEY].min())
+            return batch.above.clone(), rows[:, _ABOVE].tolist(), min_key, strategy
 
         keys = batch.keys
         if self.scope == "random":
@@ -452,7 +469,14 @@ def _empty_batch(losses: object) -> _LocalBatch:
         forced=empty,
         candidate=empty,
         keys=torch.zeros(0, dtype=key_dtype_for(loss_dtype), device=device),
+        above=empty,
     )
+
+
+def _min_key(keys: torch.Tensor, mask: torch.Tensor) -> int:
+    """Smallest key where ``mask`` is True, or ``_NO_KEY`` if there is none."""
+    masked = keys[mask]
+    return int(masked.min()) if masked.numel() else _NO_KEY
 
 
 def _to_signed64(value: int) -> int:

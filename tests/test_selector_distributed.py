@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import math
 import random
+from unittest import mock
 
 import pytest
 import torch
+import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dist_ohem import HardExampleSelector
+from dist_ohem import HardExampleSelector, SelectionRule, select_mask
 from dist_ohem.comm import get_rank
 from tests.parity import Case, global_losses, rank_slice, reference_mask
+from tests.test_selection import rules
 
 RULES = [
     {"keep": 0.3},
@@ -136,3 +141,113 @@ def test_random_scope_is_same_draw_as_single_process_and_changes_per_call(ranks)
     for call in range(3):
         assert torch.equal(torch.cat([per_rank[r][call] for r in range(3)]), draws[call])
     assert not torch.equal(draws[0], draws[1])
+
+
+# -- radix vs gather: property test over every rule ---------------------------------
+
+#: Examples per world size: a twelfth of the profile's (25 under "ci", more under "heavy").
+STRATEGY_EXAMPLES = max(25, settings.default.max_examples // 12)
+SPECIAL = [0.0, -0.0, 1.0, 2.5, math.inf, -math.inf, 1e-30, -1e-30, 3.0e38]
+
+
+@st.composite
+def distributed_batches(draw, world_size: int):
+    """Global losses / valid / positive over uneven (possibly empty) ranks, and sizes."""
+    sizes = draw(st.lists(st.integers(0, 30), min_size=world_size, max_size=world_size))
+    n = sum(sizes)
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    kind = draw(st.sampled_from(["random", "tied", "duplicated"]))
+    if kind == "random":
+        width = 32 if dtype == torch.float32 else 64
+        pool = st.floats(allow_nan=False, width=width) | st.sampled_from(SPECIAL)
+    elif kind == "tied":
+        pool = st.sampled_from(SPECIAL)
+    else:  # two values over the whole batch: every boundary is a tie across ranks
+        pool = st.sampled_from(draw(st.lists(st.sampled_from(SPECIAL), min_size=2, max_size=2)))
+    losses = torch.tensor(draw(st.lists(pool, min_size=n, max_size=n)), dtype=dtype)
+    valid = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool)
+    if draw(st.booleans()):
+        valid[:] = True
+    positive = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool)
+    return sizes, losses, valid, positive
+
+
+def both_strategies_on_rank(sizes, losses, valid, positive, kwargs) -> list[tuple]:
+    """Worker: this rank's result fields under ``gather`` and under ``radix``."""
+    rank = get_rank()
+    local = [rank_slice(t, sizes, rank) for t in (losses, valid, positive)]
+    outputs = []
+    for strategy in ("gather", "radix"):
+        result = HardExampleSelector(**kwargs, strategy=strategy)(*local)
+        outputs.append(
+            (
+                result.mask,
+                result.num_selected_global,
+                result.selected_per_rank,
+                result.threshold,
+                result.strategy,
+            )
+        )
+    return outputs
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_radix_and_gather_are_bit_identical_for_every_rule(ranks, world_size):
+    @settings(max_examples=STRATEGY_EXAMPLES, deadline=None)
+    @given(
+        batch=distributed_batches(world_size),
+        rule=rules(),
+        scope=st.sampled_from(["global", "global", "random"]),
+    )
+    def check(batch, rule, scope):
+        sizes, losses, valid, positive = batch
+        rule_obj, kind, _, min_kept = rule
+        kwargs = {kind: getattr(rule_obj, kind), "min_kept": min_kept, "scope": scope}
+        args = (sizes, losses, valid, positive, kwargs)
+        per_rank = ranks.run(world_size, both_strategies_on_rank, *args, timeout=30)
+        gather, radix = (torch.cat([per_rank[r][i][0] for r in range(world_size)]) for i in (0, 1))
+        assert torch.equal(gather, radix)
+        assert torch.equal(gather, reference_mask(kwargs, sizes, losses, valid, positive))
+        for outputs in per_rank:
+            (_, *gather_fields, gather_strategy), (_, *radix_fields, radix_strategy) = outputs
+            assert gather_strategy == "gather" and radix_strategy == "radix"
+            assert gather_fields[:2] == radix_fields[:2]
+            assert gather_fields[2] == radix_fields[2] or (
+                math.isnan(gather_fields[2]) and math.isnan(radix_fields[2])
+            )
+
+    check()
+
+
+def collectives_on_rank(losses: torch.Tensor, kwargs: dict, positive=None) -> tuple:
+    """Worker: (all-reduce calls, all-gather calls, mask) of one radix selection."""
+    gather_name = next(
+        name for name in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, name)
+    )
+    with (
+        mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as all_reduce,
+        mock.patch.object(dist, gather_name, wraps=getattr(dist, gather_name)) as all_gather,
+    ):
+        result = HardExampleSelector(**kwargs, strategy="radix")(losses, positive=positive)
+    return all_reduce.call_count, all_gather.call_count, result.mask
+
+
+def test_radix_collectives_per_rule(ranks):
+    """Threshold: the counts decide when >= min_kept losses are above t (no histogram);
+    otherwise, and for the other rules, 3 histogram all-reduces (32-bit keys) + 1 tie gather.
+    """
+    losses = torch.arange(100.0)
+    positive = losses < 10
+    cases = [  # (kwargs, expected all-reduces, expected all-gathers: row + ties)
+        ({"loss_thresh": 49.5, "min_kept": 20}, 0, 1),  # 2 x 50 above t >= 20
+        ({"loss_thresh": 94.5, "min_kept": 20}, 3, 2),  # 2 x 5 above t < 20: k-select
+        ({"neg_pos_ratio": 3.0}, 3, 2),  # P = 20 from the row exchange; 60 of 180 negatives
+        ({"top_k": 7}, 3, 2),
+    ]
+    for kwargs, reduces, gathers in cases:
+        per_rank = ranks.run(2, collectives_on_rank, losses, kwargs, positive, timeout=30)
+        expected = select_mask(
+            torch.cat([losses, losses]), SelectionRule(**kwargs), positive=positive.repeat(2)
+        )
+        assert torch.equal(torch.cat([per_rank[0][2], per_rank[1][2]]), expected), kwargs
+        assert [out[:2] for out in per_rank] == [(reduces, gathers)] * 2, kwargs
