@@ -140,7 +140,7 @@ def top_m_mask(keys: torch.Tensor, candidate: torch.Tensor, m: int) -> torch.Ten
     Returns:
         1-D bool mask with exactly ``min(m, #candidates)`` True entries.
     """
-    num_candidates = int(candidate.sum())
+    num_candidates = int(torch.count_nonzero(candidate))
     m = min(m, num_candidates)
     if m <= 0:
         return torch.zeros_like(candidate)
@@ -149,7 +149,7 @@ def top_m_mask(keys: torch.Tensor, candidate: torch.Tensor, m: int) -> torch.Ten
     kth = kth_largest_key(keys, candidate, m)
     mask = candidate & (keys > kth)
     ties = (candidate & (keys == kth)).nonzero().squeeze(1)
-    mask[ties[: m - int(mask.sum())]] = True
+    mask[ties[: m - int(torch.count_nonzero(mask))]] = True
     return mask
 
 

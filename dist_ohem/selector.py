@@ -316,8 +316,8 @@ class HardExampleSelector:
         row[_FORCED] = _count(batch.forced)
         row[_CANDIDATES] = _count(batch.candidate)
         row[_ABOVE] = _count(batch.above)
-        row[_MIN_KEY] = _min_key(batch.keys, batch.candidate)
-        row[_MIN_ABOVE_KEY] = _min_key(batch.keys, batch.above)
+        row[_MIN_KEY] = _min_key(batch.keys, batch.candidate, row[_CANDIDATES])
+        row[_MIN_ABOVE_KEY] = _min_key(batch.keys, batch.above, row[_ABOVE])
         row[_CONFIG] = self._config_hash
         row[_KEY_BITS] = torch.iinfo(batch.keys.dtype).bits
         row[_CALLS] = self.num_calls
@@ -415,35 +415,48 @@ def _radix_select(
 ) -> tuple[torch.Tensor, list[int], int]:
     """Exact distributed k-selection without moving the keys.
 
-    Each round all-reduces a 2^RADIX_BITS histogram of one digit of the unsigned key
-    (most significant digit first) among the still-undecided candidates and fixes that
-    digit of the m-th largest key. After ``ceil(bits / RADIX_BITS)`` rounds the m-th key
-    is known exactly; one all-gather of per-rank tie counts hands the remaining slots to
-    the ties in global index order. Requires 0 < num_to_select < #candidates.
+    Each round all-reduces a 2^RADIX_BITS histogram of one digit of the key read as
+    unsigned (``u = key + 2^(bits-1)``, same order), most significant digit first, among
+    the still-undecided candidates and fixes that digit of the m-th largest key. After
+    ``ceil(bits / RADIX_BITS)`` rounds the m-th key is known exactly; one all-gather of
+    per-rank tie counts hands the remaining slots to the ties in global index order.
+    Requires 0 < num_to_select < #candidates.
+
+    Cost on n local keys: the first round reads every key in its own integer dtype
+    (non-candidates go to an extra bin that is not sent); later rounds only touch the
+    keys in the chosen bins. Bytes sent: the histograms, independent of n.
     """
     key_bits = torch.iinfo(keys.dtype).bits
-    # Shift to an unsigned order: bit patterns of u compare like the keys.
-    unsigned = keys.to(torch.int64) + 2**31 if key_bits == 32 else keys ^ -(2**63)
-    undecided = candidate.nonzero().squeeze(1)
-    undecided_keys = unsigned[undecided]
+    undecided: torch.Tensor | None = None  # None: every key, before the first round
+    undecided_keys = keys
     still_needed = num_to_select
     kth_unsigned = 0
     high = key_bits
     while high > 0:
         low = max(0, high - RADIX_BITS)
         width = high - low
-        digit = (undecided_keys >> low) & ((1 << width) - 1)
-        histogram = torch.bincount(digit, minlength=1 << width)
-        histogram = comm.all_reduce_sum(histogram, group)
+        if undecided is None:
+            # Arithmetic shift: the top digit of the signed key is in [-2^(w-1), 2^(w-1)),
+            # and adding 2^(w-1) makes it the top digit of u.
+            digit = (keys >> low) + (1 << (width - 1))
+            digit = torch.where(candidate, digit, 1 << width)
+        else:  # below the top digit, u and the key have the same bits
+            digit = (undecided_keys >> low) & ((1 << width) - 1)
+        histogram = torch.bincount(digit, minlength=(1 << width) + 1)[: 1 << width]
+        histogram = comm.all_reduce_sum(histogram.to(torch.int64), group)
         at_least = histogram.flip(0).cumsum(0).flip(0)  # at_least[d] = #(digit >= d)
         chosen = int((at_least >= still_needed).nonzero().max())
         still_needed -= int(at_least[chosen] - histogram[chosen])
         kth_unsigned |= chosen << low
         same = digit == chosen
-        undecided, undecided_keys = undecided[same], undecided_keys[same]
+        if undecided is None:
+            undecided = same.nonzero().squeeze(1)
+            undecided_keys = keys[undecided]
+        else:
+            undecided, undecided_keys = undecided[same], undecided_keys[same]
         high = low
 
-    kth_key = kth_unsigned - 2**31 if key_bits == 32 else _to_signed64(kth_unsigned ^ (1 << 63))
+    kth_key = kth_unsigned - (1 << (key_bits - 1))
     picked = candidate & (keys > kth_key)
     counts = torch.tensor([_count(picked), undecided.numel()], device=keys.device)
     rows = comm.exchange_rank_rows(counts, None, group)
@@ -473,14 +486,13 @@ def _empty_batch(losses: object) -> _LocalBatch:
     )
 
 
-def _min_key(keys: torch.Tensor, mask: torch.Tensor) -> int:
-    """Smallest key where ``mask`` is True, or ``_NO_KEY`` if there is none."""
-    masked = keys[mask]
-    return int(masked.min()) if masked.numel() else _NO_KEY
-
-
-def _to_signed64(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
+def _min_key(keys: torch.Tensor, mask: torch.Tensor, count: int) -> int:
+    """Smallest key where ``mask`` (with ``count`` True entries) is True; ``_NO_KEY`` if none."""
+    if count == 0:
+        return _NO_KEY
+    if count == mask.numel():
+        return int(keys.min())
+    return int(torch.where(mask, keys, torch.iinfo(keys.dtype).max).min())
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -494,4 +506,4 @@ def _add(left: list[int], right: list[int]) -> list[int]:
 
 def _count(mask: torch.Tensor) -> int:
     """Number of True entries of a bool tensor, as a Python int."""
-    return int(mask.sum())
+    return int(torch.count_nonzero(mask))
