@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# NPROC=2 launch/torchrun.sh [--config configs/default.yaml] [key=value ...]
+# torchrun, one node or several. Several nodes: on each node run
+#   NNODES=2 NODE_RANK=<0|1> MASTER_ADDR=<node 0 address> MASTER_PORT=29500 launch/torchrun.sh ...
+# (c10d rendezvous at MASTER_ADDR:MASTER_PORT; set RDZV_ID to tell concurrent jobs apart.)
+. "$(dirname "$0")/common.sh"
+exec torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC" \
+    --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
+    --rdzv-id="${RDZV_ID:-dist_ohem}" launch/train.py "$@"
