@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import psutil  # a dependency of accelerate and of deepspeed, the launchers tested
+import pytest
 
 from launch.train import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+#: A launch takes ~7 s (Accelerate) or ~12 s (DeepSpeed) on 2 cores; kill it long before
+#: pytest-timeout's 300 s so that the failure shows the launcher's output.
+LAUNCH_TIMEOUT_S = 180
+#: Launcher output shown on failure (DeepSpeed is verbose): the last this many characters.
+OUTPUT_TAIL = 20000
 
 
 def launcher_command(launcher: str, world_size: int = 2) -> list[str]:
@@ -53,3 +62,33 @@ def kill_tree(pid: int) -> None:
         for process in [*launcher.children(recursive=True), launcher]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
+
+
+def launch(what: str, command: list[str], out: Path) -> dict:
+    """Run a launcher to completion; return the JSON that its rank 0 wrote to ``out``.
+
+    Fails the test, with the launcher's output, on a non-zero exit, a missing result or a
+    timeout. On a timeout the launcher and every process below it are killed: the ranks
+    run in sessions of their own (torch elastic starts them so), out of reach of a
+    process-group kill. The output goes to a file, not a pipe, so that nothing left
+    holding it can block the test.
+    """
+    log_path = out.with_suffix(".log")
+    with (
+        open(log_path, "w") as log,
+        subprocess.Popen(
+            [*command, "--out", str(out)], cwd=REPO, env=child_env(), stdout=log, stderr=log
+        ) as proc,
+    ):
+        try:
+            proc.wait(timeout=LAUNCH_TIMEOUT_S)
+            problem = None
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            proc.wait()
+            problem = f"did not finish within {LAUNCH_TIMEOUT_S} s and was killed"
+    if problem is None and (proc.returncode != 0 or not out.exists()):
+        problem = f"exited with code {proc.returncode} (result written: {out.exists()})"
+    if problem is not None:
+        pytest.fail(f"{what} {problem}; its output:\n{log_path.read_text()[-OUTPUT_TAIL:]}")
+    return json.loads(out.read_text())

@@ -118,7 +118,14 @@ def test_ddp_gradients_for_other_scopes(ranks, world_size, kwargs):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_dense_per_pixel_ohem_with_ignore_index(ranks, world_size):
     sizes = [2] * (world_size - 1) + [1]
-    for kwargs in ({"keep": 0.25, "min_kept": 10}, {"keep": 0.25, "strategy": "radix"}):
+    for kwargs in (
+        {"keep": 0.25, "min_kept": 10},
+        {"keep": 0.25, "strategy": "radix"},
+        # mmseg / PaddleSeg style: every pixel with loss > t, at least min_kept of them;
+        # first with enough pixels above t (the counts decide), then with too few (k-select).
+        {"loss_thresh": 1.5, "min_kept": 10, "strategy": "radix"},
+        {"loss_thresh": 1.8, "min_kept": 40, "strategy": "radix"},
+    ):
         assert_parity(ranks, world_size, "dense", sizes, kwargs)
 
 

@@ -15,52 +15,15 @@ the concatenated batch), a few ulps (observed <= 1e-7).
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.framework_scripts.parity_cases import ACCELERATE_RUNS, DEEPSPEED_RUNS, WORLD_SIZE, Run
-from tests.launching import REPO, child_env, kill_tree, launcher_command
+from tests.launching import launch, launcher_command
 
 SCRIPTS = Path(__file__).resolve().parent / "framework_scripts"
 TOLERANCE = 1e-6
-#: A launch takes ~7 s (Accelerate) or ~12 s (DeepSpeed) on 2 cores; kill it long before
-#: pytest-timeout's 300 s so that the failure shows the launcher's output.
-LAUNCH_TIMEOUT_S = 180
-#: Launcher output shown on failure (DeepSpeed is verbose): the last this many characters.
-OUTPUT_TAIL = 20000
-
-
-def launch(what: str, command: list[str], out: Path) -> dict:
-    """Run a launcher to completion; return the JSON that its rank 0 wrote to ``out``.
-
-    Fails the test, with the launcher's output, on a non-zero exit, a missing result or a
-    timeout. On a timeout the launcher and every process below it are killed: the ranks
-    run in sessions of their own (torch elastic starts them so), out of reach of a
-    process-group kill. The output goes to a file, not a pipe, so that nothing left
-    holding it can block the test.
-    """
-    log_path = out.with_suffix(".log")
-    with (
-        open(log_path, "w") as log,
-        subprocess.Popen(
-            [*command, "--out", str(out)], cwd=REPO, env=child_env(), stdout=log, stderr=log
-        ) as proc,
-    ):
-        try:
-            proc.wait(timeout=LAUNCH_TIMEOUT_S)
-            problem = None
-        except subprocess.TimeoutExpired:
-            kill_tree(proc.pid)
-            proc.wait()
-            problem = f"did not finish within {LAUNCH_TIMEOUT_S} s and was killed"
-    if problem is None and (proc.returncode != 0 or not out.exists()):
-        problem = f"exited with code {proc.returncode} (result written: {out.exists()})"
-    if problem is not None:
-        pytest.fail(f"{what} {problem}; its output:\n{log_path.read_text()[-OUTPUT_TAIL:]}")
-    return json.loads(out.read_text())
 
 
 def require(module: str) -> None:
