@@ -23,9 +23,9 @@
 
 A rank that trains on no example still runs a forward and backward, so that the
 gradient all-reduce runs everywhere: it forwards its first one or two local examples
-with weight 0 (the gradient contribution is exactly zero) and restores the BatchNorm
-running statistics afterwards, so BatchNorm does not learn from them. With no local
-example at all it forwards an empty batch.
+with a finite score, at weight 0 (the gradient contribution is exactly zero), and
+restores the BatchNorm running statistics afterwards, so BatchNorm does not learn from
+them. With no such example it forwards an empty batch.
 """
 
 from __future__ import annotations
@@ -130,6 +130,13 @@ def ohem_step(
     try:
         with torch.no_grad(), _scoring_context(module, score_mode, inputs):
             scores = reduce_to_examples(per_instance(_call(module, inputs), targets))
+        # Checked before the selection collective: a wrong shape found after it would
+        # fail on this rank alone and leave the others hanging in the gradient all-reduce.
+        if tuple(scores.shape) != (batch_size(inputs),):
+            raise ValueError(
+                f"per-example scores have shape {tuple(scores.shape)}, expected "
+                f"({batch_size(inputs)},): one score per example (reduction='none')"
+            )
     except Exception as exc:  # noqa: BLE001 - re-raised on every rank by fail()
         selector.fail(f"the scoring pass raised {type(exc).__name__}: {exc}")
     timings["scoring"] = time.perf_counter() - started
@@ -152,7 +159,9 @@ def ohem_step(
         losses = reduce_to_examples(per_instance(_call(model, train_inputs), train_targets))
         loss = losses.sum() * normalization_scale(selection, "mean", grad_average, selector.group)
     else:
-        loss = _zero_weight_loss(model, module, inputs, targets, per_instance, reduce_to_examples)
+        loss = _zero_weight_loss(
+            model, module, inputs, targets, scores, per_instance, reduce_to_examples
+        )
     (backward or torch.Tensor.backward)(loss)
     timings["training"] = time.perf_counter() - started
     return StepOutput(loss.detach(), selection, num_trained, scores, timings)
@@ -250,11 +259,16 @@ def _scoring_context(module: nn.Module, score_mode: str, inputs: Batch) -> Itera
         yield
 
 
-def _zero_weight_loss(model, module, inputs, targets, per_instance, reduce_to_examples):
-    """A zero loss through the wrapped model, for a rank that trains on no example."""
-    count = min(2, batch_size(inputs))  # two, so BatchNorm1d accepts the batch in train mode
-    head = map_batch(lambda t: t[:count], inputs)
-    head_targets = map_batch(lambda t: t[:count], targets)
+def _zero_weight_loss(model, module, inputs, targets, scores, per_instance, reduce_to_examples):
+    """A zero loss through the wrapped model, for a rank that trains on no example.
+
+    Only examples with a finite score go through: the backward of a NaN or inf example
+    (NaN inputs, say) is NaN even at weight 0 and would poison every rank's gradient.
+    """
+    # Two, so BatchNorm1d accepts the batch in train mode.
+    rows = torch.isfinite(scores).nonzero().squeeze(1)[:2]
+    head = map_batch(lambda t: t.index_select(0, rows.to(t.device)), inputs)
+    head_targets = map_batch(lambda t: t.index_select(0, rows.to(t.device)), targets)
     with frozen_norm_statistics(module):
         losses = reduce_to_examples(per_instance(_call(model, head), head_targets))
     return torch.where(torch.zeros_like(losses, dtype=torch.bool), losses, 0.0).sum()
