@@ -63,6 +63,11 @@ class OHEMLoss(nn.Module):
     ranks, equals the gradient of the mean loss over the globally selected instances.
     The value is this rank's share, not the global mean: the global mean is the sum of
     the values over ranks divided by W. The last :class:`SelectionResult` is ``.last``.
+
+    With ``nan="ignore"`` a NaN loss is never selected and adds nothing to the value, but
+    the backward still runs through every instance: NaN *activations* (NaN inputs, say)
+    reach the gradient as they would without OHEM. :func:`dist_ohem.ohem_step` does not
+    back-propagate through unselected examples.
     """
 
     def __init__(
