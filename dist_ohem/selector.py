@@ -39,8 +39,11 @@ __all__ = ["HardExampleSelector", "SelectionResult"]
 SCOPES = ("global", "local", "random", "all")
 STRATEGIES = ("gather", "radix", "auto")
 NAN_POLICIES = ("raise", "ignore")
-#: ``strategy="auto"`` uses radix once the padded all-gather would exceed this many keys.
-AUTO_RADIX_MIN_KEYS = 1 << 17
+#: ``strategy="auto"`` uses radix once the largest rank holds more than this many
+#: instances (valid or not). From ``bench/selection.py`` (gloo, 2 CPU cores): radix
+#: overtakes gather between 1e4 and 1e5 instances per rank for W = 1, 2 and 4 (radix
+#: pays 3 more collective latencies, gather moves and sorts W x n keys), so 2^16.
+AUTO_RADIX_MIN_KEYS = 1 << 16
 #: Bits of the key resolved per radix round: 2^11 bins, 3 rounds for 32-bit keys.
 RADIX_BITS = 11
 
@@ -358,8 +361,7 @@ class HardExampleSelector:
         numel_per_rank = rows[:, _NUMEL].tolist()
         strategy = self.strategy
         if strategy == "auto":
-            padded = len(numel_per_rank) * max(numel_per_rank)
-            strategy = "radix" if padded > AUTO_RADIX_MIN_KEYS else "gather"
+            strategy = "radix" if max(numel_per_rank) > AUTO_RADIX_MIN_KEYS else "gather"
         if num_to_select == 0:
             return torch.zeros_like(batch.candidate), [0] * len(rows), None, strategy
         if num_to_select >= int(totals[_CANDIDATES]):

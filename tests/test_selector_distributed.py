@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from dist_ohem import HardExampleSelector, SelectionRule, select_mask
 from dist_ohem.comm import get_rank
+from dist_ohem.selector import AUTO_RADIX_MIN_KEYS
 from tests.parity import Case, global_losses, rank_slice, reference_mask
 from tests.test_selection import rules
 
@@ -251,3 +252,14 @@ def test_radix_collectives_per_rule(ranks):
         )
         assert torch.equal(torch.cat([per_rank[0][2], per_rank[1][2]]), expected), kwargs
         assert [out[:2] for out in per_rank] == [(reduces, gathers)] * 2, kwargs
+
+
+def auto_strategy_on_rank(sizes: list[int]) -> str:
+    """Worker: the strategy that ``"auto"`` resolved to for this rank's ``sizes[rank]`` losses."""
+    rank = get_rank()
+    return HardExampleSelector(top_k=3, strategy="auto")(torch.rand(sizes[rank])).strategy
+
+
+def test_auto_picks_radix_by_the_largest_rank(ranks):
+    for largest, expected in ((AUTO_RADIX_MIN_KEYS, "gather"), (AUTO_RADIX_MIN_KEYS + 1, "radix")):
+        assert ranks.run(2, auto_strategy_on_rank, [5, largest], timeout=30) == [expected] * 2
