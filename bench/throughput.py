@@ -55,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -419,12 +419,16 @@ def summarize(
     }
 
 
-def run_world(world_size: int, config: Config) -> dict[str, Any]:
-    """Start ``world_size`` ranks (FileStore rendezvous in a temp dir); their raw results."""
+def run_world(world_size: int, config: Any, rank_fn: Callable[..., None] = rank_main) -> Any:
+    """Start ``world_size`` ranks (FileStore rendezvous in a temp dir); their raw results.
+
+    ``rank_fn(rank, world_size, init_file, config, out_file)`` runs on every rank; rank 0
+    writes its results as JSON to ``out_file``.
+    """
     with tempfile.TemporaryDirectory(prefix="dist_ohem_bench_") as tmp:
         out_file = os.path.join(tmp, "results.json")
         torch_mp.spawn(
-            rank_main,
+            rank_fn,
             args=(world_size, os.path.join(tmp, "rendezvous"), config, out_file),
             nprocs=world_size,
             join=True,
