@@ -53,7 +53,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 # `python launch/train.py` puts launch/ first on sys.path; the tasks live in launch.tasks.
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from dist_ohem import HardExampleSelector, OHEMLoss, SelectionResult, ohem_step
+from dist_ohem import (
+    DistributedInputError,
+    HardExampleSelector,
+    OHEMLoss,
+    SelectionResult,
+    ohem_step,
+)
 from dist_ohem.comm import all_gather_uneven
 from dist_ohem.step import unwrap_model
 from launch.tasks import TASKS, Task, make_task
@@ -214,6 +220,13 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("device=cuda but torch sees no GPU; use device=cpu")
     if cfg.balance and cfg.mode != "two_pass":
         raise ConfigError("balance=true needs mode=two_pass (mask mode trains every example)")
+    run_dir = Path(cfg.run_dir).absolute()
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(
+            f"run_dir={cfg.run_dir} cannot be created or written: {existing} is "
+            f"{'not a directory' if not existing.is_dir() else 'not writable'}"
+        )
     if cfg.deepspeed_config and not Path(cfg.deepspeed_config).is_file():
         raise ConfigError(
             f"deepspeed_config {cfg.deepspeed_config} not found; see configs/deepspeed/"
@@ -396,7 +409,7 @@ def setup_engine(
         torch.cuda.set_device(device)
     model = model.to(device)
     if "RANK" in os.environ:  # torchrun (or any launcher that sets the env:// variables)
-        dist.init_process_group(backend, timeout=timeout)
+        init_process_group(backend, timeout)
         model = DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
     return Engine(
         engine,
@@ -407,6 +420,21 @@ def setup_engine(
         dist.get_rank() if dist.is_initialized() else 0,
         dist.get_world_size() if dist.is_initialized() else 1,
         device,
+    )
+
+
+def init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """``init_process_group`` from the env:// variables, under a fresh store prefix for
+    each torchrun restart: the restarted ranks reuse the store of the failed attempt, and
+    without the prefix they would read the dead ranks' addresses and fail to connect."""
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"attempt_{attempt}", store),
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
     )
 
 
@@ -1010,14 +1038,45 @@ def plot_metrics(jsonl: Path, png: Path, task: Task) -> None:
 
 
 def run() -> int:
-    """``main`` with errors a person can act on: one message from rank 0, exit code 1."""
+    """``main`` with errors a person can act on, no traceback spam, exit code 1.
+
+    An error every rank raises alike (config, checkpoint, a selector's collective input
+    check) is printed once, by rank 0. A failed collective differs per rank (the rank
+    that waited timed out, the others lost their peer): each rank says what it saw.
+    """
+    rank = int(os.environ.get("RANK", "0"))
     try:
         main()
-    except (ConfigError, CheckpointError) as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
+    except (ConfigError, CheckpointError, DistributedInputError) as exc:
+        if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        else:  # a launcher stops every rank once one exits: let rank 0 print first
+            time.sleep(2)
+        return 1
+    except RuntimeError as exc:
+        hint = collective_failure_hint(str(exc))
+        if hint is None:
+            raise
+        first_line = str(exc).strip().splitlines()[0]
+        print(f"error on rank {rank}: {hint}\n  ({first_line})", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def collective_failure_hint(message: str) -> str | None:
+    """What a failed collective's message means for the user (None: not a collective)."""
+    if re.search(r"Timed out|timeout|Timeout", message):
+        return (
+            "a collective timed out: this rank waited longer than timeout_s for another rank, "
+            "which stalled (hung I/O, a debugger, an overloaded node) or died. Check the other "
+            "ranks' logs; raise timeout_s if such stalls are expected"
+        )
+    if re.search(r"Connection (closed|reset)|Broken pipe|peer", message):
+        return (
+            "lost the connection to another rank, which exited, crashed or timed out first; "
+            "its log says why"
+        )
+    return None
 
 
 if __name__ == "__main__":

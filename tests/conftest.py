@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -7,6 +8,7 @@ import torch
 from hypothesis import settings
 
 from tests.distributed import RankPools
+from tests.training import ENGINE_ARGS, LONG, train
 
 torch.set_num_threads(1)
 settings.register_profile("ci", max_examples=300, deadline=None)
@@ -20,3 +22,13 @@ def ranks():
     pools = RankPools()
     yield pools
     pools.close()
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Uninterrupted LONG runs: DDP under torchrun and DeepSpeed ZeRO-1 (deepspeed launcher)."""
+    runs = {}
+    for launcher, engine_args in ENGINE_ARGS.items():
+        runs[launcher] = tmp_path_factory.mktemp(launcher) / "full"
+        train(launcher, runs[launcher], *engine_args, *LONG)
+    return runs
