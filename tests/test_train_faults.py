@@ -46,8 +46,9 @@ def test_sigkilled_worker_restarts_from_the_last_checkpoint_and_loses_no_step(
     tmp_path: Path, reference_runs: dict[str, Path]
 ) -> None:
     """SIGKILL rank 1 after step 50 (checkpoint at 40) under launch/torchrun.sh with
-    MAX_RESTARTS=1 (``--max-restarts=1``, c10d rendezvous): torchrun restarts both ranks, resume=auto continues from step 40, and the finished run has
-    every step once and equals the uninterrupted run."""
+    MAX_RESTARTS=1 (``--max-restarts=1``, c10d rendezvous): torchrun restarts both ranks,
+    resume=auto continues from step 40, and the finished run has every step once and
+    equals the uninterrupted run."""
     run_dir = tmp_path / "killed"
     env = {"MAX_RESTARTS": "1"}
     with running("torchrun.sh", run_dir, *LONG, "resume=auto", env=env) as launch:
