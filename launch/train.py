@@ -77,6 +77,7 @@ class Config:
     run_dir: str = "runs/default"  # metrics, summary, plot and checkpoints go here
     seed: int = 0  # data, model init, data order and scope="random" draws
     task: str = "detection"  # "detection" (generated) or "digits" (scikit-learn, long-tailed)
+    shard: str = "iid"  # "iid" or "skewed": the hard groups' examples all on rank 0
     # optimization: AdamW, cosine decay from lr to min_lr over max_steps
     max_steps: int = 600
     batch_size: int = 128  # per rank: K = batch_size * world size
@@ -114,6 +115,7 @@ class Config:
 
 CHOICES = {
     "task": TASKS,
+    "shard": ("iid", "skewed"),
     "mode": ("two_pass", "mask"),
     "rule": ("keep", "top_k", "loss_thresh", "neg_pos_ratio"),
     "engine": ("auto", "ddp", "accelerate", "deepspeed"),
@@ -500,26 +502,51 @@ def all_reduce_sum(values: torch.Tensor, device: torch.device) -> list[float]:
 def batch_indices(cfg: Config, task: Task, step: int, rank: int, world_size: int) -> torch.Tensor:
     """This rank's examples at ``step`` (1-based): a pure function of (seed, step, rank, W).
 
-    Each epoch is a fresh permutation seeded by (seed, epoch), cut into global batches of
-    ``batch_size * W`` (the last partial one dropped); rank r takes the r-th slice. The
-    data position is the step itself, so a resumed run sees the same data as an
-    uninterrupted one.
+    ``shard="iid"``: each epoch is a fresh permutation of the training set, cut into global
+    batches of ``batch_size * W`` (the last partial one dropped); rank r takes the r-th
+    slice. ``shard="skewed"``: each rank draws ``batch_size`` examples a step from its own
+    shard (:func:`rank_pool`), in epochs of that shard. No sampler state exists: the data
+    position is the step, so a resumed run sees the same data as an uninterrupted one.
     """
-    epoch, position = data_position(cfg, task, step, world_size)
-    order = torch.randperm(
-        len(task.y_train), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    )
-    start = position * cfg.batch_size * world_size + rank * cfg.batch_size
-    return order[start : start + cfg.batch_size]
+    pool, ranks_drawing, slot = rank_pool(cfg, task, rank, world_size)
+    epoch, position = data_position(cfg, task, step, rank, world_size)
+    pool_id = 0 if cfg.shard == "iid" else 1 + rank
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + pool_id)
+    order = torch.randperm(len(pool), generator=generator)
+    start = (position * ranks_drawing + slot) * cfg.batch_size
+    return pool[order[start : start + cfg.batch_size]]
 
 
-def data_position(cfg: Config, task: Task, step: int, world_size: int) -> tuple[int, int]:
-    """(epoch, batch within the epoch) of ``step``, both 0-based."""
-    steps_per_epoch = len(task.y_train) // (cfg.batch_size * world_size)
+def rank_pool(cfg: Config, task: Task, rank: int, world_size: int) -> tuple[torch.Tensor, int, int]:
+    """The training examples ``rank`` draws from, how many ranks share them, its slot.
+
+    "iid": every example, shared by all W ranks. "skewed" (non-iid, the case where global
+    and local selection differ most): every example of the task's hard groups (detection:
+    positives and hard negatives; digits: the tail classes) is on rank 0; the other
+    examples are split evenly over the W ranks.
+    """
+    every = torch.arange(len(task.y_train))
+    if cfg.shard == "iid":
+        return every, world_size, rank
+    hard = torch.isin(task.group_train, torch.tensor(task.hard_groups))
+    easy = every[~hard][
+        torch.randperm(int((~hard).sum()), generator=torch.Generator().manual_seed(cfg.seed))
+    ]
+    own = easy.tensor_split(world_size)[rank]
+    return (torch.cat([every[hard], own]) if rank == 0 else own), 1, 0
+
+
+def data_position(
+    cfg: Config, task: Task, step: int, rank: int, world_size: int
+) -> tuple[int, int]:
+    """(epoch, batch within the epoch) of ``step`` on ``rank``, both 0-based."""
+    pool, ranks_drawing, _ = rank_pool(cfg, task, rank, world_size)
+    steps_per_epoch = len(pool) // (cfg.batch_size * ranks_drawing)
     if steps_per_epoch == 0:
         raise ConfigError(
-            f"task {cfg.task} has {len(task.y_train)} training examples, fewer than one global "
-            f"batch of batch_size * W = {cfg.batch_size * world_size}; lower batch_size"
+            f"rank {rank} draws from {len(pool)} training examples of task {cfg.task} "
+            f"(shard={cfg.shard}), fewer than {cfg.batch_size * ranks_drawing} a step; "
+            "lower batch_size"
         )
     return divmod(step - 1, steps_per_epoch)
 
@@ -813,10 +840,13 @@ def save_checkpoint(
     rng = [rng_state(eng.device)] * eng.world_size
     if dist.is_initialized():
         dist.all_gather_object(rng, rng_state(eng.device))
-    epoch, position = data_position(cfg, task, step + 1, eng.world_size)
     state: dict[str, object] = {
         "step": step,
-        "data_position": {"epoch": epoch, "batch_in_epoch": position},  # of the next step
+        # (epoch, batch in epoch) of each rank's next step: a function of the step, kept
+        # for people reading the checkpoint.
+        "data_position": [
+            data_position(cfg, task, step + 1, r, eng.world_size) for r in range(eng.world_size)
+        ],
         "scheduler": scheduler.state_dict(),
         "selector_calls": selector.num_calls,
         "rng": rng,

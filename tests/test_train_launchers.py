@@ -16,8 +16,18 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from launch.train import Config, ConfigError, parse_args, read_config_file
+from launch.tasks import make_task
+from launch.train import (
+    Config,
+    ConfigError,
+    batch_indices,
+    data_position,
+    parse_args,
+    rank_pool,
+    read_config_file,
+)
 from tests.launching import REPO
 from tests.training import (
     LONG,
@@ -161,3 +171,26 @@ def test_config_errors_name_the_fix(tmp_path: Path) -> None:
         match=re.escape(f"max_steps must be of type int (like 600), got 'many' in {bad_yaml}"),
     ):
         parse_args(["--config", str(bad_yaml)])
+
+
+@pytest.mark.parametrize("shard", ["iid", "skewed"])
+def test_batches_cover_each_pool_once_per_epoch_and_skewed_puts_hard_groups_on_rank_0(
+    shard: str,
+) -> None:
+    """Within an epoch no example repeats; "skewed" rank pools are disjoint, cover the
+    training set, and rank 0 alone holds the hard groups."""
+    cfg = parse_args([f"shard={shard}", "batch_size=100"])
+    task = make_task(cfg.task, cfg.seed)
+    world_size = 3
+    hard = torch.isin(task.group_train, torch.tensor(task.hard_groups))
+    pools = [rank_pool(cfg, task, rank, world_size)[0] for rank in range(world_size)]
+    if shard == "skewed":
+        assert sorted(torch.cat(pools).tolist()) == list(range(len(task.y_train)))
+        assert hard[pools[0]].sum() == hard.sum() and not hard[torch.cat(pools[1:])].any()
+    for rank in range(world_size):
+        steps = [s for s in range(1, 200) if data_position(cfg, task, s, rank, world_size)[0] == 0]
+        drawn = torch.cat([batch_indices(cfg, task, s, rank, world_size) for s in steps])
+        assert len(drawn) == len(steps) * 100 and len(set(drawn.tolist())) == len(drawn)
+        assert set(drawn.tolist()) <= set(pools[rank].tolist())
+    step_1 = [batch_indices(cfg, task, 1, rank, world_size) for rank in range(world_size)]
+    assert len(set(torch.cat(step_1).tolist())) == 300  # ranks never share an example
