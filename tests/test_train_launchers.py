@@ -89,10 +89,15 @@ def test_accelerate_launch_with_the_shipped_config_file(tmp_path: Path) -> None:
     assert all(r["strategy"] == "gather" for r in records)
 
 
-def test_plain_python_single_process(tmp_path: Path) -> None:
-    train("python", tmp_path / "single", *SMALL)
+def test_plain_python_single_process_with_the_neg_pos_rule(tmp_path: Path) -> None:
+    """One process, no process group; rule=neg_pos_ratio (positives = class != 0, about
+    3%): every positive plus up to 3 negatives each (min_kept=8 when a batch has none)."""
+    train("python", tmp_path / "single", *SMALL, "rule=neg_pos_ratio", "min_kept=8")
     summary = json.loads((tmp_path / "single" / "summary.json").read_text())
     assert (summary["world_size"], summary["launcher"], summary["steps"]) == (1, "python", 8)
+    records, _ = read_run(tmp_path / "single")
+    for record in records:
+        assert record["scope"] == "global" and 0 < record["num_selected_global"] <= 32
 
 
 def test_ctrl_c_stops_after_a_finished_step_and_resume_repeats_it(
