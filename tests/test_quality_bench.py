@@ -1,0 +1,97 @@
+"""bench/quality.py: reading a run, time to target and the aggregation, on synthetic runs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import quality
+
+CELL = quality.Cell("digits", 2, "skewed", 64, 4, 2)
+
+
+def write_run(run_dir: Path, tail: list[float], selected: int) -> None:
+    """A 4-step run of ``launch/train.py``'s output format, evaluated at steps 0, 2 and 4."""
+    run_dir.mkdir(parents=True)
+    lines = []
+    for step in range(5):
+        if step:
+            record = {"kind": "train", "step": step, "step_s_max": 0.5 * step}
+            lines.append(record | {"num_selected_global": selected})
+        if step % 2 == 0:
+            metrics = {"tail_acc": tail[step // 2], "balanced_acc": 0.5, "head_acc": 0.9}
+            lines.append({"kind": "eval", "step": step, **metrics})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = {
+        "final_eval": lines[-1],
+        "throughput": {"train_s": 5.0},
+        "examples_backpropagated": 4 * selected,
+        "parameter_sha256_per_rank": ["a", "a"],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_read_run_accumulates_cost_up_to_each_evaluation(tmp_path: Path) -> None:
+    write_run(tmp_path / "run", [0.0, 0.4, 0.8], selected=32)
+    run = quality.read_run(tmp_path / "run", CELL)
+    assert [p["step"] for p in run["curve"]] == [0, 2, 4]
+    assert [p["train_s"] for p in run["curve"]] == [0.0, 1.5, 5.0]
+    assert [p["examples"] for p in run["curve"]] == [0, 64, 128]
+    assert run["final"] == {"tail_acc": 0.8, "balanced_acc": 0.5, "head_acc": 0.9}
+    assert run["parameter_sha256_agree"]
+
+
+def test_time_to_target_is_the_first_evaluation_at_or_above_it() -> None:
+    curve = [
+        {"step": s, "train_s": s / 10, "examples": 10 * s, "m": v}
+        for s, v in [(0, 0.1), (25, 0.5), (50, 0.7), (75, 0.6)]
+    ]
+    assert quality.time_to_target(curve, "m", 0.5) == {"step": 25, "train_s": 2.5, "examples": 250}
+    assert quality.time_to_target(curve, "m", 0.7)["step"] == 50
+    assert quality.time_to_target(curve, "m", 0.71) is None
+
+
+def test_aggregate_counts_unreached_seeds_and_pairs_by_seed(tmp_path: Path) -> None:
+    # global reaches 0.8 on both seeds; "all" ends at 0.6 / 0.8 and reaches the target
+    # (0.9 x best final mean 0.8 = 0.72) on one seed only.
+    finals = {"global": [0.8, 0.8], "local": [0.8, 0.7], "random": [0.5, 0.5], "all": [0.6, 0.8]}
+    runs = []
+    for variant, per_seed in finals.items():
+        for seed, final in enumerate(per_seed):
+            run_dir = tmp_path / f"{variant}{seed}"
+            write_run(run_dir, [0.0, final / 2, final], selected=128 if variant == "all" else 32)
+            runs.append({"cell": CELL.name, "variant": variant, "seed": seed})
+            runs[-1] |= quality.read_run(run_dir, CELL)
+    rows = {row["variant"]: row for row in quality.aggregate([CELL], runs)}
+    assert rows["global"]["target"]["value"] == pytest.approx(0.72)
+    assert (rows["all"]["reached"], rows["all"]["not_reached"]) == (1, 1)
+    assert rows["all"]["to_target"]["examples"] == {"mean": 512, "std": None, "n": 1}
+    assert rows["global"]["to_target"]["step"]["mean"] == 4
+    assert rows["random"]["reached"] == 0
+    assert rows["random"]["to_target"]["train_s"]["mean"] is None
+    local = rows["local"]["headline_minus_global"]
+    assert local["mean"] == pytest.approx(-0.05)
+    assert (local["above"], local["below"]) == (0, 1)
+    assert rows["global"]["final"]["tail_acc"] == {"mean": 0.8, "std": 0.0, "n": 2}
+    assert all(run["target"] == pytest.approx(0.72) for run in runs)
+    markdown = quality.render_markdown(
+        {
+            "meta": {
+                "command": "python bench/quality.py",
+                "date": "d",
+                "torch": "t",
+                "python": "p",
+                "cores": 2,
+                "git": "g",
+                "load_start": [0.1],
+                "load_end": [0.2],
+                "wall_s": 60.0,
+                "launch_wall_s": 50.0,
+            },
+            "cells": [quality.asdict(CELL)],
+            "seeds": [0, 1],
+            "rows": list(rows.values()),
+        }
+    )
+    assert "| 2 | skewed | local OHEM | 0.750 ± 0.071 |" in markdown
+    assert "1/2" in markdown
