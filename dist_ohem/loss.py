@@ -97,6 +97,7 @@ class OHEMLoss(nn.Module):
             ignore_index if ignore_index is not None else getattr(criterion, "ignore_index", None)
         )
         self.last: SelectionResult | None = None
+        self._caller_config = ("OHEMLoss", reduction, grad_average, self.ignore_index)
 
     def forward(
         self,
@@ -108,11 +109,15 @@ class OHEMLoss(nn.Module):
         try:
             losses = self._per_instance(input, target)
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank by fail()
-            self.selector.fail(f"the criterion raised {type(exc).__name__}: {exc}", input)
+            self.selector.fail(
+                f"the criterion raised {type(exc).__name__}: {exc}",
+                input,
+                caller_config=self._caller_config,
+            )
         valid = None
         if self.ignore_index is not None and not target.is_floating_point():
             valid = target != self.ignore_index
-        result = self.selector(losses, valid, positive)
+        result = self.selector(losses, valid, positive, caller_config=self._caller_config)
         self.last = result
         return masked_loss(losses, result, self.reduction, self.grad_average, self.selector.group)
 

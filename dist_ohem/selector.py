@@ -166,8 +166,7 @@ class HardExampleSelector:
         self.nan = nan
         self.seed = int(seed)
         self.num_calls = 0
-        fingerprint = repr((self.rule, scope, strategy, nan, self.seed)).encode()
-        self._config_hash = int.from_bytes(hashlib.blake2b(fingerprint, digest_size=7).digest())
+        self._config = (self.rule, scope, strategy, nan, self.seed)
 
     def __repr__(self) -> str:
         rule = {k: v for k, v in vars(self.rule).items() if v is not None and v != 0}
@@ -182,6 +181,8 @@ class HardExampleSelector:
         losses: torch.Tensor,
         valid: torch.Tensor | None = None,
         positive: torch.Tensor | None = None,
+        *,
+        caller_config: object = None,
     ) -> SelectionResult:
         """Select across the group.
 
@@ -189,6 +190,9 @@ class HardExampleSelector:
             losses: per-instance losses, any shape; detached internally.
             valid: optional bool mask, same shape; False = ignored instance.
             positive: bool mask, same shape; required by ``neg_pos_ratio``.
+            caller_config: settings of the calling code that must agree across ranks
+                (``ohem_step`` passes ``balance`` and ``score_mode``, ``OHEMLoss`` its
+                reduction); compared with the selector's own config, by its ``repr``.
 
         Returns:
             :class:`SelectionResult`; its ``mask`` has the shape of ``losses``.
@@ -197,9 +201,11 @@ class HardExampleSelector:
             comm.DistributedInputError (a ValueError) on every rank when any rank's
             input is bad or the ranks' selectors differ.
         """
-        return self._select(losses, valid, positive, error=None)
+        return self._select(losses, valid, positive, None, caller_config)
 
-    def fail(self, message: str, like: torch.Tensor | None = None) -> NoReturn:
+    def fail(
+        self, message: str, like: torch.Tensor | None = None, *, caller_config: object = None
+    ) -> NoReturn:
         """Join this step's selection collective with an error, so every rank raises it.
 
         Call this instead of the selector on a rank that cannot produce losses (its
@@ -207,7 +213,7 @@ class HardExampleSelector:
         raise the same :class:`comm.DistributedInputError` instead of hanging.
         ``like`` gives the loss dtype and device (default float32 on CPU).
         """
-        self._select(like, None, None, error=message)
+        self._select(like, None, None, message, caller_config)
         raise AssertionError("unreachable: _select raises when a rank reports an error")
 
     def _select(
@@ -216,6 +222,7 @@ class HardExampleSelector:
         valid: torch.Tensor | None,
         positive: torch.Tensor | None,
         error: str | None,
+        caller_config: object,
     ) -> SelectionResult:
         self.num_calls += 1
         batch = None
@@ -226,7 +233,7 @@ class HardExampleSelector:
                 error = str(exc)
         if batch is None:
             batch = _empty_batch(losses)
-        rows = comm.exchange_rank_rows(self._row(batch), error, self.group)
+        rows = comm.exchange_rank_rows(self._row(batch, caller_config), error, self.group)
         self._check_ranks_agree(rows)
 
         rank = comm.get_rank(self.group)
@@ -311,7 +318,7 @@ class HardExampleSelector:
             num_nan=num_nan,
         )
 
-    def _row(self, batch: _LocalBatch) -> torch.Tensor:
+    def _row(self, batch: _LocalBatch, caller_config: object) -> torch.Tensor:
         row = [0] * 11
         row[_NUMEL] = batch.losses.numel()
         row[_VALID] = batch.num_valid
@@ -321,7 +328,8 @@ class HardExampleSelector:
         row[_ABOVE] = _count(batch.above)
         row[_MIN_KEY] = _min_key(batch.keys, batch.candidate, row[_CANDIDATES])
         row[_MIN_ABOVE_KEY] = _min_key(batch.keys, batch.above, row[_ABOVE])
-        row[_CONFIG] = self._config_hash
+        fingerprint = repr((self._config, caller_config)).encode()
+        row[_CONFIG] = int.from_bytes(hashlib.blake2b(fingerprint, digest_size=7).digest())
         row[_KEY_BITS] = torch.iinfo(batch.keys.dtype).bits
         row[_CALLS] = self.num_calls
         return torch.tensor(row, dtype=torch.int64, device=batch.losses.device)
@@ -329,7 +337,12 @@ class HardExampleSelector:
     def _check_ranks_agree(self, rows: torch.Tensor) -> None:
         """Raise (identically on every rank: all see the same rows) if the ranks disagree."""
         for column, what, fix in (
-            (_CONFIG, "selector configuration", "build the selector from the same config"),
+            (
+                _CONFIG,
+                "selector configuration",
+                "build the selector (and ohem_step's balance and score_mode, or OHEMLoss's "
+                "reduction and ignore_index) from the same config on every rank",
+            ),
             (_KEY_BITS, "loss dtype (float64 vs. narrower)", "use one loss dtype on all ranks"),
             (_CALLS, "number of selector calls", "call the selector once per step on every rank"),
         ):

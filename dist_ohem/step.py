@@ -125,6 +125,8 @@ def ohem_step(
     reduce_to_examples = example_score or mean_per_example
     module = unwrap_model(model)
     timings = {"scoring": 0.0, "selection": 0.0, "communication": 0.0, "training": 0.0}
+    # A rank whose balance differed would enter the all-to-all alone and hang the others.
+    caller_config = ("ohem_step", balance, score_mode, grad_average)
 
     started = time.perf_counter()
     try:
@@ -138,11 +140,13 @@ def ohem_step(
                 f"({batch_size(inputs)},): one score per example (reduction='none')"
             )
     except Exception as exc:  # noqa: BLE001 - re-raised on every rank by fail()
-        selector.fail(f"the scoring pass raised {type(exc).__name__}: {exc}")
+        selector.fail(
+            f"the scoring pass raised {type(exc).__name__}: {exc}", caller_config=caller_config
+        )
     timings["scoring"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    selection = selector(scores, positive=positive)
+    selection = selector(scores, positive=positive, caller_config=caller_config)
     timings["selection"] = time.perf_counter() - started
 
     started = time.perf_counter()

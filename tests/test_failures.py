@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_ohem import DistributedInputError, HardExampleSelector, OHEMLoss
+from dist_ohem import DistributedInputError, HardExampleSelector, OHEMLoss, ohem_step
 from dist_ohem.comm import get_rank, get_world_size
 
 
@@ -36,6 +37,19 @@ def wrong_valid_shape_on_last_rank(rank, world_size):
 
 def config_differs_on_rank_1(rank, world_size):
     HardExampleSelector(keep=0.25 if rank == 1 else 0.5)(torch.rand(4))
+
+
+def balance_differs_on_rank_1(rank, world_size):
+    """Without the check, rank 1 alone would enter the balancing all-to-all: a hang."""
+    model = DDP(nn.Linear(3, 2))  # held until backward: see tests/test_step_ddp.py
+    inputs, targets = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    selector = HardExampleSelector(keep=0.5)
+    ohem_step(model, inputs, targets, nn.CrossEntropyLoss(), selector, balance=rank == 1)
+
+
+def reduction_differs_on_rank_2(rank, world_size):
+    criterion = OHEMLoss(nn.CrossEntropyLoss(), keep=0.5, reduction="sum" if rank == 2 else "mean")
+    criterion(torch.randn(3, 3), torch.tensor([0, 1, 2]))
 
 
 def missing_positive_on_rank_0(rank, world_size):
@@ -70,6 +84,8 @@ def criterion_fails_on_rank_1(rank, world_size):
         (2, nan_on_rank_1, ["rank 1: 2 NaN loss"]),
         (3, wrong_valid_shape_on_last_rank, ["rank 2: `valid` has shape (4,)", "(5,)"]),
         (4, config_differs_on_rank_1, ["selector configuration differs", "rank(s) [1]"]),
+        (2, balance_differs_on_rank_1, ["selector configuration differs", "balance"]),
+        (3, reduction_differs_on_rank_2, ["selector configuration differs", "rank(s) [2]"]),
         (2, missing_positive_on_rank_0, ["rank 0: neg_pos_ratio needs `positive=`"]),
         (3, dtype_differs_on_rank_1, ["loss dtype", "rank(s) [1]"]),
         (3, calls_out_of_step, ["number of selector calls", "rank(s) [1, 2]"]),

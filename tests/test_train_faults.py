@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import signal
 import time
 from pathlib import Path
@@ -85,7 +86,8 @@ def test_two_nodes_on_loopback_train_like_one(
 def test_a_stalled_rank_ends_every_rank_with_an_error_naming_the_stall(tmp_path: Path) -> None:
     """Two ranks started by hand (no launcher to clean up), timeout_s=5. Rank 1 is
     stopped (SIGSTOP) mid-run: rank 0 times out and says so. Rank 1, continued after
-    rank 0 is gone, finds its peer gone and says that. Both exit 1, no traceback."""
+    rank 0 is gone, finds its peer gone (or its own wait timed out) and says that. Both
+    exit 1, no traceback."""
     run_dir = tmp_path / "stall"
     env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     args = ["max_steps=100000", "timeout_s=5", "log_every=1000", "plot=false"]
@@ -102,7 +104,8 @@ def test_a_stalled_rank_ends_every_rank_with_an_error_naming_the_stall(tmp_path:
         output1 = finish(rank1, expect_ok=False)
     assert 4 <= waited <= 30, f"rank 0 gave up after {waited:.1f} s, timeout_s=5"
     assert "error on rank 0: a collective timed out" in output0
-    assert "error on rank 1: lost the connection to another rank" in output1
+    # Rank 1's own receive may also have run past timeout_s while it was stopped.
+    assert re.search(r"error on rank 1: (lost the connection|a collective timed out)", output1)
     assert "Traceback" not in output0 + output1
     assert rank0.proc.returncode == rank1.proc.returncode == 1
 
