@@ -104,12 +104,12 @@ class Cell:
 
 #: The full study: global batch K = 256 (detection) and 128 (digits) in every cell.
 FULL = (
-    Cell("detection", 2, "iid", 128, 300, 25),
-    Cell("detection", 2, "skewed", 128, 300, 25),
-    Cell("detection", 4, "skewed", 64, 300, 25),
-    Cell("digits", 2, "skewed", 64, 600, 50),
+    Cell("detection", 2, "iid", 128, 200, 25),
+    Cell("detection", 2, "skewed", 128, 200, 25),
+    Cell("detection", 4, "skewed", 64, 200, 25),
+    Cell("digits", 2, "skewed", 64, 300, 25),
 )
-QUICK = (Cell("detection", 2, "skewed", 128, 100, 25),)
+QUICK = (Cell("detection", 2, "skewed", 128, 120, 20),)
 
 
 def train_command(cell: Cell, variant: str, seed: int, run_dir: Path) -> list[str]:
@@ -146,11 +146,11 @@ def read_run(run_dir: Path, cell: Cell) -> dict[str, Any]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_s = examples = 0.0
     step_cost: dict[int, tuple[float, float]] = {0: (0.0, 0.0)}
-    for record in records:
-        if record["kind"] == "train":
-            train_s += record["step_s_max"]
-            examples += record["num_selected_global"]
-            step_cost[record["step"]] = (train_s, examples)
+    train = [r for r in records if r["kind"] == "train"]
+    for record in train:
+        train_s += record["step_s_max"]
+        examples += record["num_selected_global"]
+        step_cost[record["step"]] = (train_s, examples)
     metrics = METRICS[cell.task]
     curve = [
         {
@@ -167,6 +167,10 @@ def read_run(run_dir: Path, cell: Cell) -> dict[str, Any]:
         "train_s": summary["throughput"]["train_s"],
         "examples_backpropagated": summary["examples_backpropagated"],
         "curve": curve,
+        # Share of the batches' hard-group examples (positives and hard negatives; tail
+        # digits) that the selection kept, over all steps.
+        "hard_kept": sum(r["hard_selected"] for r in train)
+        / max(1, sum(r["hard_in_batch"] for r in train)),
         "parameter_sha256_agree": len(set(summary["parameter_sha256_per_rank"])) == 1,
     }
 
@@ -246,6 +250,7 @@ def aggregate(cells: list[Cell], runs: list[dict[str, Any]]) -> list[dict[str, A
                     "examples_backpropagated": mean_std(
                         [r["examples_backpropagated"] for r in mine]
                     ),
+                    "hard_kept": mean_std([r["hard_kept"] for r in mine]),
                     "target": {"metric": cell.headline, "value": target},
                     "reached": len(reached),
                     "not_reached": len(mine) - len(reached),
@@ -277,7 +282,7 @@ def fmt(stat: dict[str, Any], spec: str = ".3f") -> str:
     """``mean ± std`` (``-`` when empty)."""
     if stat["mean"] is None:
         return "-"
-    std = "" if stat["std"] is None else f" ± {stat['std']:{spec}}"
+    std = "" if stat["std"] is None else f" ± {stat['std']:{spec.lstrip('+')}}"
     return f"{stat['mean']:{spec}}{std}"
 
 
@@ -322,6 +327,7 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
         "examples to target",
         "train s (all steps)",
         "examples (all steps)",
+        "hard kept",
     ]
     body = [
         [
@@ -334,6 +340,7 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
             fmt(row["to_target"]["examples"], ".0f"),
             fmt(row["train_s"], ".1f"),
             fmt(row["examples_backpropagated"], ".0f"),
+            fmt(row["hard_kept"], ".2f"),
         ]
         for row in rows
     ]
@@ -376,6 +383,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "variants; a run reaches it at its first evaluation at or above it. Train s = sum "
         "over steps of the slowest rank's step time (training only: no evaluation, no "
         "startup); examples = sum of M over the steps; means over the seeds that reached it.",
+        "- hard kept: the share of the batches' hard-group examples (detection: positives and "
+        "hard negatives; digits: the 5 tail digits) that the selection kept, over all steps "
+        f"(1 for no mining, about {KEEP} for a random subset).",
         "",
     ]
     for task in METRICS:
@@ -391,7 +401,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Mean headline metric (± std band) against examples back-propagated, per cell."""
+    """Mean headline metric (± std band) per cell against the examples back-propagated
+    (top row) and the training seconds (bottom row), both cumulative, log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -399,35 +410,38 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     cells = report["cells"]
     figure, axes = plt.subplots(
-        1, len(cells), figsize=(4.2 * len(cells), 3.6), squeeze=False, constrained_layout=True
+        2, len(cells), figsize=(4.2 * len(cells), 6.6), squeeze=False, constrained_layout=True
     )
-    for ax, cell in zip(axes[0], cells, strict=True):
+    for column, cell in enumerate(cells):
         name = Cell(**cell).name
         headline = METRICS[cell["task"]][0]
-        for variant, label in VARIANTS.items():
-            runs = [r for r in report["runs"] if r["cell"] == name and r["variant"] == variant]
-            points = list(zip(*(r["curve"] for r in runs), strict=True))
-            x = [p[0]["examples"] for p in points]
-            values = [[q[headline] for q in p] for p in points]
-            mean = [statistics.fmean(v) for v in values]
-            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-            (line,) = ax.plot(x, mean, label=label, marker=".")
-            ax.fill_between(
-                x,
-                [m - s for m, s in zip(mean, std, strict=True)],
-                [m + s for m, s in zip(mean, std, strict=True)],
-                color=line.get_color(),
-                alpha=0.2,
-            )
         target = next(r["target"]["value"] for r in report["rows"] if r["cell"] == name)
-        ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target")
-        ax.set_xscale("symlog", linthresh=1e3)
-        ax.set_xlabel("examples back-propagated")
-        ax.set_ylabel(f"test {LABELS[headline]}")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
+        for row, (cost, cost_label) in enumerate(
+            [("examples", "examples back-propagated"), ("train_s", "training seconds")]
+        ):
+            ax = axes[row][column]
+            for variant, label in VARIANTS.items():
+                runs = [r for r in report["runs"] if r["cell"] == name and r["variant"] == variant]
+                # The evaluations after step 0, at the same steps in every seed's run.
+                points = list(zip(*(r["curve"][1:] for r in runs), strict=True))
+                x = [statistics.fmean(q[cost] for q in p) for p in points]
+                mean = [statistics.fmean(q[headline] for q in p) for p in points]
+                std = [
+                    statistics.stdev(q[headline] for q in p) if len(p) > 1 else 0 for p in points
+                ]
+                (line,) = ax.plot(x, mean, label=label, marker=".")
+                low = [m - s for m, s in zip(mean, std, strict=True)]
+                high = [m + s for m, s in zip(mean, std, strict=True)]
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+            ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target")
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel(cost_label + " (mean over seeds)")
+            ax.set_ylabel(f"test {LABELS[headline]}")
+            ax.set_title(name)
+            ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 

@@ -17,7 +17,8 @@ def write_run(run_dir: Path, tail: list[float], selected: int) -> None:
     for step in range(5):
         if step:
             record = {"kind": "train", "step": step, "step_s_max": 0.5 * step}
-            lines.append(record | {"num_selected_global": selected})
+            counts = {"hard_in_batch": 4, "hard_selected": 3}
+            lines.append(record | counts | {"num_selected_global": selected})
         if step % 2 == 0:
             metrics = {"tail_acc": tail[step // 2], "balanced_acc": 0.5, "head_acc": 0.9}
             lines.append({"kind": "eval", "step": step, **metrics})
@@ -38,6 +39,7 @@ def test_read_run_accumulates_cost_up_to_each_evaluation(tmp_path: Path) -> None
     assert [p["train_s"] for p in run["curve"]] == [0.0, 1.5, 5.0]
     assert [p["examples"] for p in run["curve"]] == [0, 64, 128]
     assert run["final"] == {"tail_acc": 0.8, "balanced_acc": 0.5, "head_acc": 0.9}
+    assert run["hard_kept"] == 0.75
     assert run["parameter_sha256_agree"]
 
 
