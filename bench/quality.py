@@ -104,9 +104,9 @@ class Cell:
 
 #: The full study: global batch K = 256 (detection) and 128 (digits) in every cell.
 FULL = (
-    Cell("detection", 2, "iid", 128, 200, 25),
-    Cell("detection", 2, "skewed", 128, 200, 25),
-    Cell("detection", 4, "skewed", 64, 200, 25),
+    Cell("detection", 2, "iid", 128, 300, 25),
+    Cell("detection", 2, "skewed", 128, 300, 25),
+    Cell("detection", 4, "skewed", 64, 300, 25),
     Cell("digits", 2, "skewed", 64, 300, 25),
 )
 QUICK = (Cell("detection", 2, "skewed", 128, 120, 20),)
