@@ -108,6 +108,7 @@ FULL = (
     Cell("detection", 2, "skewed", 128, 300, 25),
     Cell("detection", 4, "skewed", 64, 300, 25),
     Cell("digits", 2, "skewed", 64, 300, 25),
+    Cell("digits", 4, "skewed", 32, 300, 25),
 )
 QUICK = (Cell("detection", 2, "skewed", 128, 120, 20),)
 
