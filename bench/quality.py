@@ -351,11 +351,6 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     """The markdown report: setup, hard-case metrics per task, cost to target."""
     meta = report["meta"]
-    shared = (
-        "shared with other jobs"
-        if max(meta["load_start"][0], meta["load_end"][0]) > 1.5
-        else "quiet"
-    )
     cells = ", ".join(
         f"{c['task']} W={c['world_size']} {c['shard']} (batch {c['batch_size']}/rank, "
         f"{c['max_steps']} steps, eval every {c['eval_every']})"
@@ -367,8 +362,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- command: `{meta['command']}`",
         f"- date (UTC): {meta['date']}; torch {meta['torch']}; python {meta['python']}; "
         f"{meta['cores']} cores; git {meta['git']}; one thread per rank",
-        f"- machine: load average (1 min) {meta['load_start'][0]} at start, "
-        f"{meta['load_end'][0]} at end ({shared}); wall time of the study "
+        f"- machine: {meta['machine']}; load average (1 min, this study's own ranks "
+        f"included) {meta['load_start'][0]} at start, {meta['load_end'][0]} at end; "
+        "wall time of the study "
         f"{meta['wall_s'] / 60:.1f} min, sum of launch wall times "
         f"{meta['launch_wall_s'] / 60:.1f} min",
         f"- cells: {cells}; seeds {report['seeds']}",
@@ -467,6 +463,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one cell, 2 seeds, short: < 3 min")
     parser.add_argument("--seeds", type=int, help="seeds per variant (default 5; --quick 2)")
+    parser.add_argument(
+        "--machine",
+        default="not stated",
+        help="a note for the report: was the machine quiet or shared with other jobs?",
+    )
     parser.add_argument("--output-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--runs-dir", type=Path, default=ROOT / "runs" / "quality", help="run directories"
@@ -512,6 +513,7 @@ def main(argv: list[str] | None = None) -> None:
         "python": platform.python_version(),
         "cores": os.cpu_count(),
         "git": git_revision(),
+        "machine": args.machine,
         "load_start": [round(x, 2) for x in load_start],
         "load_end": [round(x, 2) for x in os.getloadavg()],
         "wall_s": time.perf_counter() - started,

@@ -85,6 +85,7 @@ def test_aggregate_counts_unreached_seeds_and_pairs_by_seed(tmp_path: Path) -> N
                 "python": "p",
                 "cores": 2,
                 "git": "g",
+                "machine": "quiet",
                 "load_start": [0.1],
                 "load_end": [0.2],
                 "wall_s": 60.0,
