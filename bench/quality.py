@@ -52,6 +52,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(1, str(ROOT))  # `python bench/quality.py` puts bench/ first on sys.path
 
+from bench.throughput import git_revision, markdown_table  # noqa: E402
 from launch.train import free_port  # noqa: E402
 
 VARIANTS = {
@@ -287,13 +288,6 @@ def fmt(stat: dict[str, Any], spec: str = ".3f") -> str:
     return f"{stat['mean']:{spec}}{std}"
 
 
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    """A GitHub markdown table."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def metrics_table(rows: list[dict[str, Any]], task: str) -> str:
     """Final hard-case metrics of ``task``'s cells, mean ± std over seeds."""
     metrics = METRICS[task]
@@ -442,22 +436,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def git_revision() -> str:
-    """Short commit hash, with ``+dirty`` when dist_ohem/ or launch/ have local changes."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "dist_ohem", "launch"],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -512,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": __import__("torch").__version__,
         "python": platform.python_version(),
         "cores": os.cpu_count(),
-        "git": git_revision(),
+        "git": git_revision(("dist_ohem", "launch")),
         "machine": args.machine,
         "load_start": [round(x, 2) for x in load_start],
         "load_end": [round(x, 2) for x in os.getloadavg()],

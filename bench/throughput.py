@@ -625,14 +625,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def git_revision() -> str:
-    """Short commit hash, with ``+dirty`` when dist_ohem/ has local changes."""
+def git_revision(paths: tuple[str, ...] = ("dist_ohem",)) -> str:
+    """Short commit hash, with ``+dirty`` when ``paths`` have local changes."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "dist_ohem"], capture_output=True, text=True
+            ["git", "status", "--porcelain", *paths], capture_output=True, text=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
