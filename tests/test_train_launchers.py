@@ -89,6 +89,12 @@ def test_accelerate_launch_with_the_shipped_config_file(tmp_path: Path) -> None:
     assert all(r["strategy"] == "gather" for r in records)
 
 
+def test_accelerate_wrapper(tmp_path: Path) -> None:
+    """launch/accelerate.sh: `accelerate launch --multi_gpu`, a free port, NPROC=2."""
+    train("accelerate.sh", tmp_path / "acc_sh", *SMALL, "plot=false")
+    check_run(tmp_path / "acc_sh", "accelerate")
+
+
 def test_plain_python_single_process_with_the_neg_pos_rule(tmp_path: Path) -> None:
     """One process, no process group; rule=neg_pos_ratio (positives = class != 0, about
     3%): every positive plus up to 3 negatives each (min_kept=8 when a batch has none)."""
