@@ -166,7 +166,8 @@ class HardExampleSelector:
         self.nan = nan
         self.seed = int(seed)
         self.num_calls = 0
-        self._config = (self.rule, scope, strategy, nan, self.seed)
+        # Per call only the caller's settings are added (see _row).
+        self._config_repr = repr((self.rule, scope, strategy, nan, self.seed))
 
     def __repr__(self) -> str:
         rule = {k: v for k, v in vars(self.rule).items() if v is not None and v != 0}
@@ -328,7 +329,7 @@ class HardExampleSelector:
         row[_ABOVE] = _count(batch.above)
         row[_MIN_KEY] = _min_key(batch.keys, batch.candidate, row[_CANDIDATES])
         row[_MIN_ABOVE_KEY] = _min_key(batch.keys, batch.above, row[_ABOVE])
-        fingerprint = repr((self._config, caller_config)).encode()
+        fingerprint = f"{self._config_repr}|{caller_config!r}".encode()
         row[_CONFIG] = int.from_bytes(hashlib.blake2b(fingerprint, digest_size=7).digest())
         row[_KEY_BITS] = torch.iinfo(batch.keys.dtype).bits
         row[_CALLS] = self.num_calls
