@@ -509,7 +509,7 @@ def batch_indices(cfg: Config, task: Task, step: int, rank: int, world_size: int
     position is the step, so a resumed run sees the same data as an uninterrupted one.
     """
     pool, ranks_drawing, slot = rank_pool(cfg, task, rank, world_size)
-    epoch, position = data_position(cfg, task, step, rank, world_size)
+    epoch, position = pool_position(cfg, len(pool), ranks_drawing, step, rank)
     pool_id = 0 if cfg.shard == "iid" else 1 + rank
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + pool_id)
     order = torch.randperm(len(pool), generator=generator)
@@ -541,10 +541,18 @@ def data_position(
 ) -> tuple[int, int]:
     """(epoch, batch within the epoch) of ``step`` on ``rank``, both 0-based."""
     pool, ranks_drawing, _ = rank_pool(cfg, task, rank, world_size)
-    steps_per_epoch = len(pool) // (cfg.batch_size * ranks_drawing)
+    return pool_position(cfg, len(pool), ranks_drawing, step, rank)
+
+
+def pool_position(
+    cfg: Config, pool_size: int, ranks_drawing: int, step: int, rank: int
+) -> tuple[int, int]:
+    """(epoch, batch within the epoch) of ``step`` in a pool of ``pool_size`` examples
+    that ``ranks_drawing`` ranks draw ``batch_size`` each from per step."""
+    steps_per_epoch = pool_size // (cfg.batch_size * ranks_drawing)
     if steps_per_epoch == 0:
         raise ConfigError(
-            f"rank {rank} draws from {len(pool)} training examples of task {cfg.task} "
+            f"rank {rank} draws from {pool_size} training examples of task {cfg.task} "
             f"(shard={cfg.shard}), fewer than {cfg.batch_size * ranks_drawing} a step; "
             "lower batch_size"
         )
