@@ -35,11 +35,9 @@ numbers depend on the machine's load; the md records the load average.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -52,7 +50,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(1, str(ROOT))  # `python bench/quality.py` puts bench/ first on sys.path
 
-from bench.throughput import git_revision, markdown_table  # noqa: E402
+from bench.throughput import markdown_table, run_meta, write_report  # noqa: E402
 from launch.train import free_port  # noqa: E402
 
 VARIANTS = {
@@ -485,16 +483,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
     rows = aggregate(cells, runs)
     meta = {
-        "command": shlex.join(["python", *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": __import__("torch").__version__,
-        "python": platform.python_version(),
-        "cores": os.cpu_count(),
-        "git": git_revision(("dist_ohem", "launch")),
+        **run_meta(started, load_start, ("dist_ohem", "launch")),
         "machine": args.machine,
-        "load_start": [round(x, 2) for x in load_start],
-        "load_end": [round(x, 2) for x in os.getloadavg()],
-        "wall_s": time.perf_counter() - started,
         "launch_wall_s": sum(r["launch_wall_s"] for r in runs),
     }
     report = {
@@ -507,13 +497,9 @@ def main(argv: list[str] | None = None) -> None:
         "runs": runs,
     }
     stem = "quality_quick" if args.quick else "quality"
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    markdown = render_markdown(report)
-    print(markdown)
-    (args.output_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.output_dir / f"{stem}.md").write_text(markdown)
+    write_report(report, render_markdown(report), args.output_dir, stem)
     plot(report, args.output_dir / f"{stem}.png")
-    logger.info("wrote %s.{json,md,png} in %s", stem, args.output_dir)
+    logger.info("wrote %s/%s.png", args.output_dir, stem)
 
 
 if __name__ == "__main__":

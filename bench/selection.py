@@ -24,16 +24,12 @@ tensor (a 4 MB gradient), the per-step cost that DDP already pays.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import logging
 import os
 import pickle
-import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,7 +39,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from throughput import git_revision, markdown_table, run_world
+from throughput import markdown_table, run_meta, run_world, write_report
 
 from dist_ohem import HardExampleSelector
 from dist_ohem.selector import AUTO_RADIX_MIN_KEYS
@@ -297,25 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     runs = [run_world(world_size, config, rank_main) for world_size in args.world_sizes]
     for run in runs:
         run["crossover"] = crossover(run)
-    meta = {
-        "command": shlex.join(["python", *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cores": os.cpu_count(),
-        "git": git_revision(),
-        "load_start": [round(x, 2) for x in load_start],
-        "load_end": [round(x, 2) for x in os.getloadavg()],
-        "wall_s": time.perf_counter() - started,
-    }
-    report = {"meta": meta, "config": asdict(config), "runs": runs}
-    markdown = render_markdown(report)
-    print(markdown)
+    report = {"meta": run_meta(started, load_start), "config": asdict(config), "runs": runs}
     stem = "selection_quick" if args.quick else "selection"
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.output_dir / f"{stem}.md").write_text(markdown)
-    logger.info("wrote %s/%s.{json,md}", args.output_dir, stem)
+    write_report(report, render_markdown(report), args.output_dir, stem)
 
 
 if __name__ == "__main__":

@@ -625,6 +625,34 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def run_meta(
+    started: float, load_start: tuple[float, ...], git_paths: tuple[str, ...] = ("dist_ohem",)
+) -> dict[str, Any]:
+    """How a benchmark report came about: command, versions, cores, git revision (dirty if
+    ``git_paths`` have local changes), load average at start (``load_start``) and end,
+    and the wall time since ``started`` (``time.perf_counter()``)."""
+    return {
+        "command": shlex.join(["python", *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cores": os.cpu_count(),
+        "git": git_revision(git_paths),
+        "load_start": [round(x, 2) for x in load_start],
+        "load_end": [round(x, 2) for x in os.getloadavg()],
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def write_report(report: dict[str, Any], markdown: str, output_dir: Path, stem: str) -> None:
+    """Print ``markdown``; write it and ``report`` to ``output_dir/stem.{md,json}``."""
+    print(markdown)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output_dir / f"{stem}.md").write_text(markdown)
+    logger.info("wrote %s/%s.{json,md}", output_dir, stem)
+
+
 def git_revision(paths: tuple[str, ...] = ("dist_ohem",)) -> str:
     """Short commit hash, with ``+dirty`` when ``paths`` have local changes."""
     try:
@@ -679,30 +707,17 @@ def main(argv: list[str] | None = None) -> None:
         for case in cases
     ]
     meta = {
-        "command": shlex.join(["python", *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cores": os.cpu_count(),
+        **run_meta(started, load_start),
         "usable_cores": len(os.sched_getaffinity(0)),
         "threads_per_rank": 1,
-        "git": git_revision(),
         "parameters": sum(p.numel() for p in make_model(config.width).parameters()),
-        "load_start": [round(x, 2) for x in load_start],
-        "load_end": [round(x, 2) for x in os.getloadavg()],
-        "wall_s": time.perf_counter() - started,
     }
     report = {"meta": meta, "config": asdict(config), "runs": runs}
-    markdown = render_markdown(report)
-    print(markdown)
     low = [r for r in runs if r["methods"][0]["cpu_step_ms"] < 50]  # methods[0] is plain
     if low and not args.quick:
         logger.warning("plain step < 50 ms CPU in %d run(s): raise --batch-size", len(low))
     stem = "throughput_quick" if args.quick else "throughput"
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.output_dir / f"{stem}.md").write_text(markdown)
-    logger.info("wrote %s/%s.{json,md}", args.output_dir, stem)
+    write_report(report, render_markdown(report), args.output_dir, stem)
 
 
 if __name__ == "__main__":
