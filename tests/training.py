@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from launch.train import free_port
-from tests.launching import REPO, child_env, kill_tree, launcher_command
+from tests.launching import BIN, REPO, child_env, kill_tree, launcher_command
 
 #: A short run: 8 steps of 2 x 64 examples, evaluations and checkpoints every 3.
 SMALL = ["batch_size=64", "log_every=1", "max_steps=8", "eval_every=3", "checkpoint_every=3"]
@@ -40,7 +40,7 @@ def train_command(launcher: str, launcher_args: tuple[str, ...] = ()) -> list[st
         return ["bash", str(REPO / "launch" / launcher)]
     if launcher == "accelerate":
         return [
-            *launcher_command("accelerate")[:2],  # accelerate launch
+            str(BIN / "accelerate"), "launch",
             "--config_file", str(REPO / "configs" / "accelerate" / "multi_gpu.yaml"),
             "--num_processes", "2", "--main_process_port", str(free_port()),
             str(REPO / "launch" / "train.py"),
