@@ -50,7 +50,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(1, str(ROOT))  # `python bench/quality.py` puts bench/ first on sys.path
 
-from bench.throughput import markdown_table, run_meta, write_report  # noqa: E402
+from bench.common import markdown_table, run_meta, write_report  # noqa: E402
 from launch.train import free_port  # noqa: E402
 
 VARIANTS = {

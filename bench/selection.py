@@ -30,6 +30,7 @@ import logging
 import os
 import pickle
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,10 +40,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from throughput import markdown_table, run_meta, run_world, write_report
 
-from dist_ohem import HardExampleSelector
-from dist_ohem.selector import AUTO_RADIX_MIN_KEYS
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(1, str(ROOT))  # `python bench/selection.py` puts bench/ first on sys.path
+
+from bench.common import markdown_table, run_meta, run_world, write_report  # noqa: E402
+from dist_ohem import HardExampleSelector  # noqa: E402
+from dist_ohem.selector import AUTO_RADIX_MIN_KEYS  # noqa: E402
 
 STRATEGIES = ("gather", "radix")
 KEEP = 0.1

@@ -43,19 +43,14 @@ optimizer state, which are the same for every method.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import logging
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,11 +58,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as torch_mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_ohem import HardExampleSelector, OHEMLoss, ohem_step
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(1, str(ROOT))  # `python bench/throughput.py` puts bench/ first on sys.path
+
+from bench.common import markdown_table, run_meta, run_world, write_report  # noqa: E402
+from dist_ohem import HardExampleSelector, OHEMLoss, ohem_step  # noqa: E402
 
 KEEPS = (1 / 2, 1 / 4, 1 / 8)
 #: Methods besides plain per case: the skewed case only compares two-pass balancing.
@@ -419,33 +417,9 @@ def summarize(
     }
 
 
-def run_world(world_size: int, config: Any, rank_fn: Callable[..., None] = rank_main) -> Any:
-    """Start ``world_size`` ranks (FileStore rendezvous in a temp dir); their raw results.
-
-    ``rank_fn(rank, world_size, init_file, config, out_file)`` runs on every rank; rank 0
-    writes its results as JSON to ``out_file``.
-    """
-    with tempfile.TemporaryDirectory(prefix="dist_ohem_bench_") as tmp:
-        out_file = os.path.join(tmp, "results.json")
-        torch_mp.spawn(
-            rank_fn,
-            args=(world_size, os.path.join(tmp, "rendezvous"), config, out_file),
-            nprocs=world_size,
-            join=True,
-        )
-        return json.loads(Path(out_file).read_text())
-
-
 def fmt_ranks(values: list[float], spec: str = ".1f") -> str:
     """``a / b`` for per-rank values."""
     return " / ".join(format(v, spec) for v in values)
-
-
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    """A GitHub markdown table."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def throughput_table(runs: list[dict[str, Any]]) -> str:
@@ -625,48 +599,6 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def run_meta(
-    started: float, load_start: tuple[float, ...], git_paths: tuple[str, ...] = ("dist_ohem",)
-) -> dict[str, Any]:
-    """How a benchmark report came about: command, versions, cores, git revision (dirty if
-    ``git_paths`` have local changes), load average at start (``load_start``) and end,
-    and the wall time since ``started`` (``time.perf_counter()``)."""
-    return {
-        "command": shlex.join(["python", *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cores": os.cpu_count(),
-        "git": git_revision(git_paths),
-        "load_start": [round(x, 2) for x in load_start],
-        "load_end": [round(x, 2) for x in os.getloadavg()],
-        "wall_s": time.perf_counter() - started,
-    }
-
-
-def write_report(report: dict[str, Any], markdown: str, output_dir: Path, stem: str) -> None:
-    """Print ``markdown``; write it and ``report`` to ``output_dir/stem.{md,json}``."""
-    print(markdown)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output_dir / f"{stem}.md").write_text(markdown)
-    logger.info("wrote %s/%s.{json,md}", output_dir, stem)
-
-
-def git_revision(paths: tuple[str, ...] = ("dist_ohem",)) -> str:
-    """Short commit hash, with ``+dirty`` when ``paths`` have local changes."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", *paths], capture_output=True, text=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; ``--quick`` changes the defaults, explicit flags still win."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -698,7 +630,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks
     config = Config(args.batch_size, args.width, args.repeats, args.steps, args.warmup)
     started, load_start = time.perf_counter(), os.getloadavg()
-    raw = {world_size: run_world(world_size, config) for world_size in WORLD_SIZES}
+    raw = {world_size: run_world(world_size, config, rank_main) for world_size in WORLD_SIZES}
     # The model's B/F from 1 rank: on 2 ranks backward also waits in the gradient all-reduce.
     bf_ratio = backward_over_forward(raw[1]["uniform"]["per_rank"])
     runs = [
