@@ -2,7 +2,7 @@
 
 Nothing here talks to other processes. Every function works on one flat vector and is
 the single-process definition that the distributed selector must reproduce exactly
-(DESIGN.md §2-§3). The distributed strategies in ``selector.py`` only move counts and
+(DESIGN.md §2-§3). The distributed strategies in ``kselect.py`` only move counts and
 keys around and then call into the same definitions.
 
 The order of hardness is defined on integer *keys*, not on floats, so that it is total

@@ -6,9 +6,9 @@ One call does, on every rank:
 2. one small all-gather of a per-rank row (sizes, counts, config fingerprint, error
    flag): any rank's error is raised identically on all ranks (DESIGN.md §7);
 3. the number to select, computed from global counts, identical everywhere;
-4. the k-selection itself: ``"gather"`` (all-gather the keys) or ``"radix"`` (all-reduce
-   histograms of the keys, then one tiny all-gather of tie counts). Both end in the
-   same mask as :func:`dist_ohem.selection.select_mask` on the concatenated batch.
+4. the k-selection itself, by an algorithm of :mod:`dist_ohem.kselect`: ``"gather"``
+   (all-gather the keys) or ``"radix"`` (all-reduce histograms of the keys, then one tiny
+   all-gather of tie counts). Both end in the same mask as :func:`dist_ohem.selection.select_mask` on the concatenated batch.
    Skipped when the global counts of step 2 already decide the mask: nothing to select,
    every candidate, or (``loss_thresh``) at least ``min_kept`` losses above the threshold.
 """
@@ -23,9 +23,8 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from dist_ohem import comm
+from dist_ohem import comm, kselect
 from dist_ohem.selection import (
-    KEY_SENTINEL,
     SelectionRule,
     hardness_key,
     key_dtype_for,
@@ -44,8 +43,6 @@ NAN_POLICIES = ("raise", "ignore")
 #: overtakes gather between 1e4 and 1e5 instances per rank for W = 1, 2 and 4 (radix
 #: pays 3 more collective latencies, gather moves and sorts W x n keys), so 2^16.
 AUTO_RADIX_MIN_KEYS = 1 << 16
-#: Bits of the key resolved per radix round: 2^11 bins, 3 rounds for 32-bit keys.
-RADIX_BITS = 11
 
 # Columns of the per-rank row exchanged on every call.
 (
@@ -393,93 +390,14 @@ class HardExampleSelector:
             global_index = torch.arange(offset, offset + keys.numel(), device=keys.device)
             keys = random_keys(global_index, self.seed, self.num_calls)
         if strategy == "gather":
-            picked, per_rank, kth_key = _gather_select(
+            picked, per_rank, kth_key = kselect.gather_select(
                 keys, batch.candidate, num_to_select, rank, numel_per_rank, self.group
             )
         else:
-            picked, per_rank, kth_key = _radix_select(
+            picked, per_rank, kth_key = kselect.radix_select(
                 keys, batch.candidate, num_to_select, rank, self.group
             )
         return picked, per_rank, kth_key, strategy
-
-
-def _gather_select(
-    keys: torch.Tensor,
-    candidate: torch.Tensor,
-    num_to_select: int,
-    rank: int,
-    numel_per_rank: list[int],
-    group: dist.ProcessGroup | None,
-) -> tuple[torch.Tensor, list[int], int]:
-    """All-gather every key (non-candidates as a sentinel), select the same top-m everywhere."""
-    sentinel = KEY_SENTINEL[keys.dtype]
-    sent = torch.where(candidate, keys, torch.full_like(keys, sentinel))
-    parts = comm.all_gather_uneven(sent, group, lengths=numel_per_rank)
-    all_keys = torch.cat(parts)
-    picked_all = top_m_mask(all_keys, all_keys != sentinel, num_to_select)
-    per_rank_masks = picked_all.split(numel_per_rank)
-    kth_key = int(all_keys[picked_all].min())
-    return per_rank_masks[rank].clone(), [_count(part) for part in per_rank_masks], kth_key
-
-
-def _radix_select(
-    keys: torch.Tensor,
-    candidate: torch.Tensor,
-    num_to_select: int,
-    rank: int,
-    group: dist.ProcessGroup | None,
-) -> tuple[torch.Tensor, list[int], int]:
-    """Exact distributed k-selection without moving the keys.
-
-    Each round all-reduces a 2^RADIX_BITS histogram of one digit of the key read as
-    unsigned (``u = key + 2^(bits-1)``, same order), most significant digit first, among
-    the still-undecided candidates and fixes that digit of the m-th largest key. After
-    ``ceil(bits / RADIX_BITS)`` rounds the m-th key is known exactly; one all-gather of
-    per-rank tie counts hands the remaining slots to the ties in global index order.
-    Requires 0 < num_to_select < #candidates.
-
-    Cost on n local keys: the first round reads every key in its own integer dtype
-    (non-candidates go to an extra bin that is not sent); later rounds only touch the
-    keys in the chosen bins. Bytes sent: the histograms, independent of n.
-    """
-    key_bits = torch.iinfo(keys.dtype).bits
-    undecided: torch.Tensor | None = None  # None: every key, before the first round
-    undecided_keys = keys
-    still_needed = num_to_select
-    kth_unsigned = 0
-    high = key_bits
-    while high > 0:
-        low = max(0, high - RADIX_BITS)
-        width = high - low
-        if undecided is None:
-            # Arithmetic shift: the top digit of the signed key is in [-2^(w-1), 2^(w-1)),
-            # and adding 2^(w-1) makes it the top digit of u.
-            digit = (keys >> low) + (1 << (width - 1))
-            digit = torch.where(candidate, digit, 1 << width)
-        else:  # below the top digit, u and the key have the same bits
-            digit = (undecided_keys >> low) & ((1 << width) - 1)
-        histogram = torch.bincount(digit, minlength=(1 << width) + 1)[: 1 << width]
-        histogram = comm.all_reduce_sum(histogram.to(torch.int64), group)
-        at_least = histogram.flip(0).cumsum(0).flip(0)  # at_least[d] = #(digit >= d)
-        chosen = int((at_least >= still_needed).nonzero().max())
-        still_needed -= int(at_least[chosen] - histogram[chosen])
-        kth_unsigned |= chosen << low
-        same = digit == chosen
-        if undecided is None:
-            undecided = same.nonzero().squeeze(1)
-            undecided_keys = keys[undecided]
-        else:
-            undecided, undecided_keys = undecided[same], undecided_keys[same]
-        high = low
-
-    kth_key = kth_unsigned - (1 << (key_bits - 1))
-    picked = candidate & (keys > kth_key)
-    counts = torch.tensor([_count(picked), undecided.numel()], device=keys.device)
-    rows = comm.exchange_rank_rows(counts, None, group)
-    ties_before = rows[:, 1].cumsum(0) - rows[:, 1]
-    ties_taken = (still_needed - ties_before).clamp(min=0).minimum(rows[:, 1])
-    picked[undecided[: int(ties_taken[rank])]] = True
-    return picked, (rows[:, 0] + ties_taken).tolist(), kth_key
 
 
 def _key_to_threshold(kth_key: int | None, loss_dtype: torch.dtype) -> float:
