@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_ohem import HardExampleSelector, SelectionRule, StepOutput, ohem_step, select_mask
+from dist_ohem import HardExampleSelector, StepOutput, ohem_step
 from tests.parity import rank_slice
 
 WORLD_SIZE = 2
@@ -117,11 +118,33 @@ def step(
     )
 
 
+def num_to_select(rule: dict, num_valid: int) -> int:
+    """M of DESIGN.md §3 for the ``keep`` and ``top_k`` rules (with ``min_kept``), written
+    out here, independently of ``dist_ohem.selection``."""
+    if "keep" in rule:
+        # DESIGN §3: a product within 1e-9 of an integer counts as that integer.
+        wanted = math.ceil(rule["keep"] * num_valid - 1e-9)
+    else:
+        wanted = rule["top_k"]
+    return min(num_valid, max(rule.get("min_kept", 0), wanted))
+
+
+def hardest_mask(losses: torch.Tensor, valid: torch.Tensor, rule: dict) -> torch.Tensor:
+    """The reference selection on a concatenated batch: sort the valid ``(K,)`` losses by
+    DESIGN.md §2 order (higher first; a stable sort puts equal losses in index order,
+    i.e. the lower global index first) and mark the first M."""
+    candidates = valid.nonzero().squeeze(1)
+    order = torch.sort(losses[candidates].detach(), descending=True, stable=True).indices
+    mask = torch.zeros_like(valid)
+    mask[candidates[order[: num_to_select(rule, candidates.numel())]]] = True
+    return mask
+
+
 def reference(case: Case) -> tuple[list[torch.Tensor], list[list[int]]]:
     """Single process: parameters after ``p - LR * mean_b(g_b)`` and selected counts per rank.
 
     ``g_b`` is the gradient of the mean loss over the examples that
-    :func:`select_mask` picks on the concatenated micro-batch ``b``; every ``g_b`` is
+    :func:`hardest_mask` picks on the concatenated micro-batch ``b``; every ``g_b`` is
     taken at the initial parameters, as gradient accumulation does.
     """
     model = make_model()
@@ -129,7 +152,7 @@ def reference(case: Case) -> tuple[list[torch.Tensor], list[list[int]]]:
     for index, sizes in enumerate(case.micro_batches):
         inputs, targets = global_batch(case.batch_seed(index), sum(sizes))
         losses = nn.functional.cross_entropy(model(inputs), targets, reduction="none")
-        mask = select_mask(losses.detach(), SelectionRule(**case.rule))
+        mask = hardest_mask(losses, torch.ones_like(targets, dtype=torch.bool), case.rule)
         (losses[mask].mean() / case.accumulation_steps).backward()
         selected_per_rank.append([int(part.sum()) for part in mask.split(list(sizes))])
     with torch.no_grad():
@@ -147,32 +170,53 @@ def run_cases(
     ``run.case`` and returns the full updated parameters, the :class:`StepOutput` of
     every micro-batch and extra facts to record (the wrapper type, the ZeRO stage).
     """
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True, help="JSON file written by rank 0")
-    out_path = parser.parse_args().out
-    world_size = dist.get_world_size()
-    if world_size != WORLD_SIZE:
-        raise SystemExit(f"expected {WORLD_SIZE} ranks, the launcher started {world_size}")
+    out_path = output_path()
+    world_size = checked_world_size()
     results = {}
     for run in runs:
         params, outputs, facts = train(run)
         expected, reference_selected = reference(run.case)
-        diff = max(
-            (got.detach() - want).abs().max().item()
-            for got, want in zip(params, expected, strict=True)
-        )
-        diff_tensor = torch.tensor(diff, dtype=torch.float64)
-        dist.all_reduce(diff_tensor, op=dist.ReduceOp.MAX)
         trained = [None] * world_size
         dist.all_gather_object(trained, [out.num_trained_local for out in outputs])
         results[run.name] = {
-            "max_abs_diff": diff_tensor.item(),
+            "max_abs_diff": max_abs_diff(params, expected),
             "world_size": world_size,
             "selected_per_rank": [list(out.selection.selected_per_rank) for out in outputs],
             "reference_selected_per_rank": reference_selected,
             "trained_per_rank": [list(counts) for counts in zip(*trained, strict=True)],
             **facts,
         }
+    write_results(out_path, results)
+
+
+def max_abs_diff(params: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """Largest ``|param - reference|`` over all parameters, the max over ranks (identical
+    on every rank)."""
+    diff = max(
+        (got.detach() - want).abs().max().item() for got, want in zip(params, expected, strict=True)
+    )
+    diff_tensor = torch.tensor(diff, dtype=torch.float64)
+    dist.all_reduce(diff_tensor, op=dist.ReduceOp.MAX)
+    return diff_tensor.item()
+
+
+def output_path() -> str:
+    """The ``--out`` argument: the JSON file rank 0 writes."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True, help="JSON file written by rank 0")
+    return parser.parse_known_args()[0].out
+
+
+def checked_world_size() -> int:
+    """The world size, which must be :data:`WORLD_SIZE` (some launcher forms start one)."""
+    world_size = dist.get_world_size()
+    if world_size != WORLD_SIZE:
+        raise SystemExit(f"expected {WORLD_SIZE} ranks, the launcher started {world_size}")
+    return world_size
+
+
+def write_results(out_path: str, results: dict) -> None:
+    """Rank 0 writes ``results`` as JSON."""
     if dist.get_rank() == 0:
         with open(out_path, "w") as handle:
             json.dump(results, handle, indent=1)

@@ -1,0 +1,226 @@
+"""Global token-level OHEM for ``transformers.Trainer`` (extra ``dist_ohem[transformers]``).
+
+::
+
+    from dist_ohem.integrations.transformers import ohem_loss_func
+
+    loss_func = ohem_loss_func(args, keep=0.25)
+    trainer = Trainer(model, args, train_dataset=dataset, compute_loss_func=loss_func)
+
+Why a dedicated function and not ``OHEMLoss`` as the ``compute_loss_func``: the Trainer
+rescales what a ``compute_loss_func`` returns, assuming it is a sum over the tokens of
+the step divided by ``num_items_in_batch``. In transformers 5.24
+(``transformers/trainer.py``):
+
+- ``Trainer.compute_loss`` (lines 2207-2214) multiplies the loss by
+  ``accelerator.num_processes`` when ``args.average_tokens_across_devices`` (default
+  True) and ``num_items_in_batch is not None``::
+
+      if (self.args.average_tokens_across_devices
+              and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+              and num_items_in_batch is not None):
+          loss_scale = self.accelerator.num_processes // self.get_tp_size()
+          loss *= loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu
+
+  ``OHEMLoss`` already multiplies by W to undo DDP's gradient averaging, so the update
+  would be W times too large.
+- ``Trainer.training_step`` (lines 2111-2119) divides the loss by the number of
+  accumulation steps only when ``loss_is_scaled_for_ga`` is False, and it is True for any
+  ``compute_loss_func``::
+
+      loss_is_scaled_for_ga = (
+          self.model_accepts_loss_kwargs and num_items_in_batch is not None
+      ) or self.compute_loss_func is not None
+      if not loss_is_scaled_for_ga:
+          loss = loss / self.current_gradient_accumulation_steps
+
+  so each of G micro-batches would count fully: the update G times too large.
+
+The function returned here undoes both. What is logged: ``Trainer._maybe_log_save_evaluate``
+(line 2257) logs ``nested_gather(tr_loss).mean()`` over ranks, divided by the optimizer
+steps since the last log, where ``tr_loss`` sums the returned (and rescaled) values of the
+micro-batches. Each rank returns its share ``(1 / (G M)) * sum of its selected token
+losses * W``; their mean over ranks is exactly the OHEM mean over the selected tokens of
+the micro-batch divided by G, so the logged ``loss`` is the true global OHEM objective
+(below), averaged over the logged steps. Nothing else is needed for correct logging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    from transformers import TrainingArguments
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "dist_ohem.integrations.transformers needs transformers: "
+        "pip install 'dist_ohem[transformers]'"
+    ) from exc
+
+from dist_ohem import OHEMLoss, SelectionResult
+
+__all__ = ["TrainerOHEMLoss", "ohem_loss_func"]
+
+
+class TrainerOHEMLoss:
+    """A ``compute_loss_func`` for ``transformers.Trainer``: global OHEM over tokens.
+
+    Build it with :func:`ohem_loss_func`. Called by the Trainer as
+    ``loss_func(outputs, labels, num_items_in_batch=...)`` on every rank, once per
+    micro-batch.
+
+    Attributes:
+        criterion: the :class:`dist_ohem.OHEMLoss` doing the selection (per-token
+            cross-entropy with ``ignore_index``).
+        last: the :class:`dist_ohem.SelectionResult` of the last micro-batch (K = valid
+            predicted tokens over all ranks, M = tokens selected, ``selected_per_rank``).
+    """
+
+    def __init__(
+        self,
+        training_args: TrainingArguments,
+        shift_labels: bool,
+        ignore_index: int,
+        selector_kwargs: dict[str, Any],
+    ) -> None:
+        if not isinstance(training_args, TrainingArguments):
+            raise TypeError(
+                "ohem_loss_func needs the transformers.TrainingArguments that the Trainer is "
+                f"built with (it reads average_tokens_across_devices and "
+                f"gradient_accumulation_steps), got {type(training_args).__name__}"
+            )
+        if training_args.n_gpu > 1:
+            raise ValueError(
+                f"training_args.n_gpu is {training_args.n_gpu}: the Trainer would run "
+                "torch.nn.DataParallel in one process, where a selection across replicas "
+                "is not defined; launch one process per device (torchrun) instead"
+            )
+        self.training_args = training_args
+        self.shift_labels = shift_labels
+        self.ignore_index = ignore_index
+        self.criterion = OHEMLoss(nn.CrossEntropyLoss(ignore_index=ignore_index), **selector_kwargs)
+
+    @property
+    def last(self) -> SelectionResult | None:
+        """The selection of the last call (None before the first)."""
+        return self.criterion.last
+
+    def __call__(
+        self,
+        outputs: Any,
+        labels: torch.Tensor | None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """This rank's loss for one micro-batch.
+
+        Args:
+            outputs: the model output: a ``ModelOutput`` / mapping with ``"logits"``
+                ``(B, T, V)`` (or ``(B, V)``), or the logits tensor itself.
+            labels: ``(B, T)`` integer labels, ``ignore_index`` = not a target. With
+                ``shift_labels`` position t's logits predict label t + 1 (causal LM).
+            num_items_in_batch: passed by the Trainer; only whether it is None matters
+                (the Trainer rescales the loss only when it is set).
+
+        Returns:
+            Scalar ``(W / M) * sum(this rank's selected token losses) / (G * s)``, where
+            ``G = gradient_accumulation_steps`` and ``s`` is the factor the Trainer then
+            multiplies by (W with ``average_tokens_across_devices``, else 1).
+        """
+        try:
+            logits, targets = self._predictions(outputs, labels)
+        except (TypeError, ValueError) as exc:
+            # Every rank raises this, instead of the others waiting in the selection.
+            self.criterion.selector.fail(str(exc))
+        divisor = self.training_args.gradient_accumulation_steps * self._trainer_scale(
+            num_items_in_batch
+        )
+        return self.criterion(logits, targets) / divisor
+
+    def _trainer_scale(self, num_items_in_batch: torch.Tensor | int | None) -> int:
+        """The factor ``Trainer.compute_loss`` multiplies the returned loss by (lines 2207-2214)."""
+        args = self.training_args
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            return args.world_size
+        return 1
+
+    def _predictions(
+        self, outputs: Any, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P, V)`` float logits and ``(P,)`` targets, one row per prediction."""
+        if isinstance(outputs, torch.Tensor):
+            logits = outputs
+        elif isinstance(outputs, Mapping) and outputs.get("logits") is not None:
+            logits = outputs["logits"]
+        else:
+            keys = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
+            raise TypeError(
+                f"the model output has no logits (got {keys}); ohem_loss_func needs a model "
+                "that returns a ModelOutput with 'logits' (return_dict=True)"
+            )
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(
+                f"labels must be a tensor, got {type(labels).__name__}: the batch needs a "
+                "'labels' entry (the Trainer passes it to compute_loss_func)"
+            )
+        if self.shift_labels:
+            logits, labels = logits[..., :-1, :], labels[..., 1:]
+        if tuple(logits.shape[:-1]) != tuple(labels.shape):
+            raise ValueError(
+                f"logits of shape {tuple(logits.shape)} do not match labels of shape "
+                f"{tuple(labels.shape)}{' after the causal shift' if self.shift_labels else ''}; "
+                "pass shift_labels=False for token classification"
+            )
+        # Upcast as transformers' own ForCausalLMLoss does: token losses in fp32.
+        return logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).to(logits.device)
+
+
+def ohem_loss_func(
+    training_args: TrainingArguments,
+    *,
+    keep: float | None = None,
+    shift_labels: bool = True,
+    ignore_index: int = -100,
+    **selector_kwargs: Any,
+) -> TrainerOHEMLoss:
+    """A ``compute_loss_func`` for ``transformers.Trainer``: token-level global OHEM.
+
+    Every rank's valid next-token predictions (labels != ``ignore_index``) form one
+    distributed batch of K instances per micro-batch; the hardest M (by per-token
+    cross-entropy, DESIGN.md §2 order) over all ranks are kept, each rank
+    back-propagates the ones it owns.
+
+    Exact meaning of one optimizer step with ``G = gradient_accumulation_steps``
+    micro-batches (each rank's b-th batch forms micro-batch b): each micro-batch is
+    selected globally on its own, and the update is that of the loss
+    ``(1 / G) * sum_b mean(selected token losses of micro-batch b)``, the mean over the
+    micro-batches of each one's OHEM mean, as a single process computes it on the
+    concatenated micro-batches. This holds with ``average_tokens_across_devices`` on
+    (the default) or off, for any G. Tokens are not re-weighted across micro-batches:
+    one with fewer valid tokens counts as much as one with more. The Trainer's last step
+    of an epoch with fewer than G micro-batches is still divided by G (the function sees
+    only the arguments): choose the number of batches per epoch divisible by G.
+
+    Args:
+        training_args: the ``TrainingArguments`` the Trainer is built with.
+        keep: keep ``ceil(keep * K)`` tokens; or give another rule in ``selector_kwargs``
+            (``top_k``, ``loss_thresh`` + ``min_kept``, ...).
+        shift_labels: causal LM (position t predicts label t + 1, as the Trainer's
+            own causal-LM loss); False for token classification.
+        ignore_index: label of positions that are not targets.
+        **selector_kwargs: the other :class:`dist_ohem.HardExampleSelector` arguments.
+
+    Returns:
+        :class:`TrainerOHEMLoss`; ``.last`` holds the last selection.
+
+    Raises:
+        TypeError: ``training_args`` is not a ``TrainingArguments``. When a call gets a
+            model output without logits or mismatched labels, every rank raises
+            :class:`dist_ohem.DistributedInputError` naming it.
+    """
+    if keep is not None:
+        selector_kwargs["keep"] = keep
+    return TrainerOHEMLoss(training_args, shift_labels, ignore_index, selector_kwargs)
