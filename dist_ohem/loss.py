@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import torch
@@ -11,7 +12,13 @@ from torch import nn
 from dist_ohem import comm
 from dist_ohem.selector import HardExampleSelector, SelectionResult
 
-__all__ = ["OHEMLoss", "masked_loss", "normalization_scale", "per_instance_criterion"]
+__all__ = [
+    "OHEMLoss",
+    "global_mean_loss",
+    "masked_loss",
+    "normalization_scale",
+    "per_instance_criterion",
+]
 
 REDUCTIONS = ("mean", "sum")
 
@@ -57,12 +64,22 @@ class OHEMLoss(nn.Module):
             never counted). Default: the criterion's own ``ignore_index`` if it has one
             (``nn.CrossEntropyLoss`` ignores -100). Only applies to integer targets.
         selector: a :class:`HardExampleSelector`; or give its arguments as keywords.
+        sync_mean_loss: compute :attr:`last_mean_loss` with one all-reduce of a scalar
+            per call; False skips it (``last_mean_loss`` is then NaN).
 
-    ``forward(input, target, positive=None)`` returns the scalar
+    ``forward(input, target, positive=None, *, score=None)`` returns the scalar
     ``(W / M) * sum(selected local losses)`` (``mean``), whose gradient, averaged over
     ranks, equals the gradient of the mean loss over the globally selected instances.
-    The value is this rank's share, not the global mean: the global mean is the sum of
-    the values over ranks divided by W. The last :class:`SelectionResult` is ``.last``.
+    The value is this rank's share, not the global mean (it must be, for the gradient);
+    the global mean over the selected instances is :attr:`last_mean_loss` (a float), the
+    number to log. The last :class:`SelectionResult` is ``.last``.
+
+    ``score`` (the shape of the per-instance losses) ranks the instances for selection
+    instead of the loss (higher = harder; the NaN policy applies to it); the returned
+    loss is still the criterion's. E.g. ``score=-losses.detach()`` selects the easiest.
+
+    Each call selects on its own: under gradient accumulation every micro-batch gets its
+    own top-M of that micro-batch (README, "Sequences, padding and accumulation").
 
     With ``nan="ignore"`` a NaN loss is never selected and adds nothing to the value, but
     the backward still runs through every instance: NaN *activations* (NaN inputs, say)
@@ -78,6 +95,7 @@ class OHEMLoss(nn.Module):
         grad_average: bool = True,
         ignore_index: int | None = None,
         selector: HardExampleSelector | None = None,
+        sync_mean_loss: bool = True,
         **selector_kwargs: object,
     ) -> None:
         super().__init__()
@@ -96,30 +114,79 @@ class OHEMLoss(nn.Module):
         self.ignore_index = (
             ignore_index if ignore_index is not None else getattr(criterion, "ignore_index", None)
         )
+        self.sync_mean_loss = sync_mean_loss
         self.last: SelectionResult | None = None
-        self._caller_config = ("OHEMLoss", reduction, grad_average, self.ignore_index)
+        self.last_mean_loss: float = math.nan
+        # sync_mean_loss decides whether a collective runs: ranks must agree on it.
+        self._caller_config = (
+            "OHEMLoss",
+            reduction,
+            grad_average,
+            self.ignore_index,
+            sync_mean_loss,
+        )
 
     def forward(
         self,
         input: torch.Tensor,
         target: torch.Tensor,
         positive: torch.Tensor | None = None,
+        *,
+        score: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scalar loss to back-propagate on this rank (see class docstring)."""
+        losses = None
         try:
             losses = self._per_instance(input, target)
+            if score is not None:
+                _check_score(score, losses)
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank by fail()
-            self.selector.fail(
-                f"the criterion raised {type(exc).__name__}: {exc}",
-                input,
-                caller_config=self._caller_config,
+            message = (
+                str(exc)
+                if losses is not None
+                else (f"the criterion raised {type(exc).__name__}: {exc}")
             )
+            self.selector.fail(message, input, caller_config=self._caller_config)
         valid = None
         if self.ignore_index is not None and not target.is_floating_point():
             valid = target != self.ignore_index
-        result = self.selector(losses, valid, positive, caller_config=self._caller_config)
+        ranked = losses if score is None else score
+        result = self.selector(ranked, valid, positive, caller_config=self._caller_config)
         self.last = result
+        selected_sum = torch.where(result.mask, losses.detach(), 0.0).sum(dtype=torch.float64)
+        self.last_mean_loss = global_mean_loss(
+            selected_sum, result, self.selector.group, self.sync_mean_loss
+        )
         return masked_loss(losses, result, self.reduction, self.grad_average, self.selector.group)
+
+
+def _check_score(score: torch.Tensor, losses: torch.Tensor) -> None:
+    if not isinstance(score, torch.Tensor) or not score.is_floating_point():
+        raise TypeError(
+            "score must be a floating-point tensor, one score per instance, got "
+            f"{getattr(score, 'dtype', type(score).__name__)}"
+        )
+    if tuple(score.shape) != tuple(losses.shape):
+        raise ValueError(
+            f"score has shape {tuple(score.shape)} but the per-instance losses have shape "
+            f"{tuple(losses.shape)}; pass one score per loss"
+        )
+
+
+def global_mean_loss(
+    selected_sum: torch.Tensor, result: SelectionResult, group: object = None, sync: bool = True
+) -> float:
+    """The mean loss over the M selected instances of all ranks, from this rank's sum.
+
+    One all-reduce of the scalar ``selected_sum`` (skipped with one rank). The selection's
+    own exchange carries counts and loss keys, not loss sums (and in two-pass mode the
+    training losses only exist after it), hence the separate collective; ``sync=False``
+    skips it and returns NaN. 0.0 when nothing is selected, like the loss.
+    """
+    if not sync:
+        return math.nan
+    total = comm.all_reduce_sum(selected_sum.detach().to(torch.float64), group)
+    return float(total) / max(result.num_selected_global, 1)
 
 
 def normalization_scale(

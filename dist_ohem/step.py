@@ -1,36 +1,42 @@
-"""ohem_step: two-pass OHEM that back-propagates only the selected examples (DESIGN.md §6).
+"""ohem_step: two-pass OHEM that back-propagates only the selected examples (DESIGN.md §6, §9).
 
 1. *Scoring*: forward over the local batch under ``torch.no_grad()`` through the
-   unwrapped module (no DDP/DeepSpeed hooks, no activations kept), one score per example.
-2. *Selection*: the global top-M by ``selector`` (every rank gets the same set).
+   unwrapped module (no DDP/DeepSpeed hooks, no activations kept), in chunks of
+   ``micro_batch_size`` examples; one loss and one score per example.
+2. *Selection*: ONE global top-M by ``selector`` over the valid examples of all ranks
+   (every rank gets the same set).
 3. *Balance* (optional): one all-to-all moves the selected examples so each rank trains
    ``floor(M/W)`` or ``ceil(M/W)`` of them.
 4. *Training*: forward + backward through the wrapped model on the selected examples
-   only, with the loss ``(W / M) * sum(per-example losses)``: after the engine averages
-   gradients over ranks this is the gradient of the mean loss over the M selected
-   examples, the single-process reference on the concatenated batch.
+   only, in chunks of at most ``micro_batch_size``, each with the loss
+   ``(W / M) * sum(per-example losses of the chunk)``. Every rank runs the same number of
+   chunks (a rank with fewer pads with zero-weight chunks), gradients are synchronised on
+   the last one only (DDP ``no_sync`` / DeepSpeed's accumulation boundary before it).
+   After the engine averages gradients over ranks the accumulated gradient is that of
+   the mean loss over the M selected examples: the single-process reference on the
+   concatenated batch.
 
 ``score_mode`` says what BatchNorm and dropout do in the scoring pass:
 
 - ``"no_grad_train"`` (default): the model stays in train mode, so BatchNorm normalizes
-  with the local batch's statistics and dropout is active, as in the training pass.
+  with each scoring chunk's statistics and dropout is active, as in the training pass.
   BatchNorm running statistics (and ``num_batches_tracked``) are restored after the
-  scoring pass, so they are updated exactly once per step, by the training pass on the
-  selected examples. The RNG is forked, so the scoring pass does not advance the
-  global RNG that the training pass's dropout draws from.
+  scoring pass, so only the training pass updates them. The RNG is forked, so the
+  scoring pass does not advance the global RNG that the training pass's dropout draws
+  from.
 - ``"eval"``: every module is switched to eval mode for the scoring pass (BatchNorm uses
   its running statistics, no dropout) and switched back to its own previous mode after.
 
-A rank that trains on no example still runs a forward and backward, so that the
-gradient all-reduce runs everywhere: it forwards its first one or two local examples
-with a finite score, at weight 0 (the gradient contribution is exactly zero), and
-restores the BatchNorm running statistics afterwards, so BatchNorm does not learn from
-them. With no such example it forwards an empty batch.
+A zero-weight chunk forwards the rank's first one or two local examples with a finite
+loss at weight 0 (the gradient contribution is exactly zero) with the BatchNorm running
+statistics restored afterwards, so BatchNorm does not learn from them; with no such
+example it forwards an empty batch. It keeps the forward count (DDP broadcasts buffers
+in every forward) and the backward count equal on every rank, so that no collective of
+the engine waits for a rank that skipped it.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,12 +49,28 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_ohem import comm
-from dist_ohem.loss import normalization_scale, per_instance_criterion
+from dist_ohem.batches import (
+    Batch,
+    batch_leaves,
+    batch_size,
+    call_model,
+    chunk_bounds,
+    move_to_shares,
+    select_rows,
+)
+from dist_ohem.loss import global_mean_loss, normalization_scale, per_instance_criterion
+from dist_ohem.scoring import (
+    ExampleLosses,
+    ScoreFn,
+    check_no_nan_scores,
+    checked_micro_batch_size,
+    checked_valid,
+    score_chunk,
+)
 from dist_ohem.selector import HardExampleSelector, SelectionResult
 
-__all__ = ["StepOutput", "map_batch", "ohem_step", "unwrap_model"]
+__all__ = ["StepOutput", "ohem_step", "unwrap_model"]
 
-Batch = torch.Tensor | tuple | list | dict
 SCORE_MODES = ("no_grad_train", "eval")
 
 
@@ -57,22 +79,34 @@ class StepOutput:
     """What one :func:`ohem_step` did.
 
     Attributes:
-        loss: the detached scalar this rank back-propagated, ``(W / M) * sum`` of its
-            trained examples' losses; the global mean loss over the selected examples
-            is the average of ``loss`` over ranks.
+        loss: the detached scalar this rank back-propagated (summed over its chunks),
+            ``(W / M) * sum`` of its trained examples' losses: its share, not the mean.
         selection: the :class:`SelectionResult` of the scoring pass.
         num_trained_local: examples this rank trained on (after balancing).
-        scores: ``(N,)`` per-example losses of the local batch from the scoring pass
-            (detached), e.g. for logging the mean loss over all K examples.
+        scores: ``(N,)`` what the selection ranked (detached): ``score_fn``'s scores, or
+            the per-example losses of the scoring pass without it.
+        mean_loss: the global mean of the selected examples' training losses (the
+            training pass's values, over all ranks): the number for a progress bar.
+            0.0 when nothing is selected; NaN with ``sync_mean_loss=False``.
+        example_losses: ``(N,)`` per-example losses of the local batch from the scoring
+            pass (detached), e.g. for logging the mean over all K valid examples.
+        valid: ``(N,)`` bool, the examples that counted (``valid=`` and at least one
+            position not equal to ``ignore_index``); NaN scores under ``nan="ignore"``
+            are dropped by the selector on top of this.
+        num_chunks: training chunks every rank ran (zero-weight padding included).
         timings: seconds per phase: ``scoring``, ``selection``, ``communication``
             (the balance all-to-all; 0 without balance) and ``training``
-            (forward + backward), measured on the host.
+            (forward + backward of every chunk), measured on the host.
     """
 
     loss: torch.Tensor
     selection: SelectionResult
     num_trained_local: int
     scores: torch.Tensor
+    mean_loss: float
+    example_losses: torch.Tensor
+    valid: torch.Tensor
+    num_chunks: int = 1
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -89,56 +123,106 @@ def ohem_step(
     example_score: Callable[[torch.Tensor], torch.Tensor] | None = None,
     grad_average: bool = True,
     positive: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    ignore_index: int | None = None,
+    micro_batch_size: int | None = None,
+    score_fn: ScoreFn | None = None,
+    sync_mean_loss: bool = True,
 ) -> StepOutput:
-    """One two-pass OHEM forward/backward (no optimizer step). Call on every rank.
+    """One two-pass OHEM forward/backward over this rank's share of one optimizer step
+    (no optimizer step). Call on every rank.
 
     Args:
         model: the model as trained: a ``DistributedDataParallel`` module, a DeepSpeed
             engine, an Accelerate-prepared model, or a plain module.
         inputs: the local batch: a tensor (``model(inputs)``), a tuple or list
             (``model(*inputs)``) or a dict (``model(**inputs)``) of tensors with the
-            examples on dim 0.
+            examples on dim 0. With ``micro_batch_size`` this is the rank's whole share
+            of the optimizer step.
         targets: tensor or tuple/list/dict of tensors, examples on dim 0, passed to
             ``criterion`` as they are.
         criterion: a torch loss module (used with ``reduction="none"``) or a callable
             ``(outputs, targets) -> losses`` of shape ``(N, ...)``.
-        selector: picks the examples; its rule counts examples.
-        backward: called with the loss; default ``loss.backward()``. Pass
-            ``accelerator.backward`` or ``engine.backward``. For plain DDP gradient
-            accumulation over A micro-steps pass ``lambda loss: (loss / A).backward()``
-            and run non-final micro-steps under ``model.no_sync()``.
+        selector: picks the examples; its rule counts valid examples.
+        backward: called with each chunk's loss; default ``loss.backward()``. Pass
+            ``accelerator.backward`` or ``engine.backward``.
         balance: move the selected examples so every rank trains floor/ceil(M/W).
         score_mode: ``"no_grad_train"`` or ``"eval"`` (module docstring).
         example_score: reduces per-instance losses ``(N, ...)`` to per-example losses
-            ``(N,)``; default the mean over all non-batch dims. The same reduction
-            gives the training loss of each example.
+            ``(N,)``; default the mean over the valid positions (all non-batch dims
+            without ``ignore_index``). The same reduction gives each example's training
+            loss. A custom one gets the losses as the criterion returns them, ignored
+            positions included (``CrossEntropyLoss`` puts 0 there).
         grad_average: the engine averages gradients over ranks (DDP, Accelerate and
             DeepSpeed do); False when it sums them.
         positive: ``(N,)`` bool, the positive examples; required by ``neg_pos_ratio``.
+        valid: ``(N,)`` bool; False = the example never counts: not in K, never
+            selected, never trained.
+        ignore_index: with ``targets`` one integer tensor of shape ``(N, ...)``,
+            positions equal to it are ignored, and an example with no other position is
+            invalid. Default: the criterion's own ``ignore_index`` (``CrossEntropyLoss``
+            and ``NLLLoss`` have -100); None for criteria without one (then every
+            position counts).
+        micro_batch_size: score and train in chunks of at most this many examples
+            (default: one chunk); the selection is still one over the whole batch.
+        score_fn: ``score_fn(example_losses, inputs, targets) -> (N,)`` floating scores
+            ranking the examples for selection (higher = harder), called under
+            ``no_grad`` once per scoring chunk; training still uses the loss.
+        sync_mean_loss: compute :attr:`StepOutput.mean_loss` with one all-reduce of a
+            scalar after the training pass; False skips it (``mean_loss`` is NaN).
 
     Returns:
         :class:`StepOutput`.
+
+    Raises:
+        DistributedInputError: on every rank when any rank's input is bad (wrong shape
+            of ``valid`` or of the scores, ``micro_batch_size <= 0``, a NaN score under
+            ``nan="raise"``, ``criterion`` or ``score_fn`` raising, ...).
     """
     if score_mode not in SCORE_MODES:
         raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
-    per_instance = per_instance_criterion(criterion)
-    reduce_to_examples = example_score or mean_per_example
+    if ignore_index is None:
+        ignore_index = getattr(criterion, "ignore_index", None)
+    reduce_losses = ExampleLosses(per_instance_criterion(criterion), example_score, ignore_index)
     module = unwrap_model(model)
+    group = selector.group
     timings = {"scoring": 0.0, "selection": 0.0, "communication": 0.0, "training": 0.0}
-    # A rank whose balance differed would enter the all-to-all alone and hang the others.
-    caller_config = ("ohem_step", balance, score_mode, grad_average)
+    # Ranks that disagree on these would run different collectives (the balance
+    # all-to-all, the number of chunks, the mean-loss all-reduce) and hang.
+    caller_config = (
+        "ohem_step",
+        balance,
+        score_mode,
+        grad_average,
+        ignore_index,
+        micro_batch_size,
+        sync_mean_loss,
+    )
 
     started = time.perf_counter()
     try:
+        num_examples = batch_size(inputs)
+        chunk_size = checked_micro_batch_size(micro_batch_size, num_examples)
+        requested = checked_valid(valid, num_examples)
+        # At least one chunk, so that an empty batch still yields dtypes and devices.
+        num_scoring_chunks = max(1, -(-num_examples // chunk_size))
         with torch.no_grad(), _scoring_context(module, score_mode, inputs):
-            scores = reduce_to_examples(per_instance(_call(module, inputs), targets))
-        # Checked before the selection collective: a wrong shape found after it would
-        # fail on this rank alone and leave the others hanging in the gradient all-reduce.
-        if tuple(scores.shape) != (batch_size(inputs),):
-            raise ValueError(
-                f"per-example scores have shape {tuple(scores.shape)}, expected "
-                f"({batch_size(inputs)},): one score per example (reduction='none')"
-            )
+            scored = [
+                score_chunk(
+                    module,
+                    select_rows(inputs, rows),
+                    select_rows(targets, rows),
+                    reduce_losses,
+                    score_fn,
+                )
+                for rows in chunk_bounds(num_examples, chunk_size, num_scoring_chunks)
+            ]
+        example_losses, scores, has_position = (
+            torch.cat(part) for part in zip(*scored, strict=True)
+        )
+        example_valid = has_position & requested.to(has_position.device)
+        if score_fn is not None and selector.nan == "raise":
+            check_no_nan_scores(scores, example_valid)
     except Exception as exc:  # noqa: BLE001 - re-raised on every rank by fail()
         selector.fail(
             f"the scoring pass raised {type(exc).__name__}: {exc}", caller_config=caller_config
@@ -146,35 +230,53 @@ def ohem_step(
     timings["scoring"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    selection = selector(scores, positive=positive, caller_config=caller_config)
+    selection = selector(scores, example_valid, positive, caller_config=caller_config)
     timings["selection"] = time.perf_counter() - started
 
     started = time.perf_counter()
     chosen = selection.mask.nonzero().squeeze(1)
-    train_inputs = map_batch(lambda t: t.index_select(0, chosen.to(t.device)), inputs)
-    train_targets = map_batch(lambda t: t.index_select(0, chosen.to(t.device)), targets)
-    if balance and comm.is_distributed(selector.group):
-        train_inputs, train_targets = _balance(train_inputs, train_targets, selection, selector)
+    train_batch = (select_rows(inputs, chosen), select_rows(targets, chosen))
+    trained_per_rank = list(selection.selected_per_rank)
+    if balance and comm.is_distributed(group):
+        train_batch, trained_per_rank = move_to_shares(train_batch, trained_per_rank, group)
     timings["communication"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    train_inputs, train_targets = train_batch
     num_trained = batch_size(train_inputs)
-    if num_trained > 0:
-        losses = reduce_to_examples(per_instance(_call(model, train_inputs), train_targets))
-        loss = losses.sum() * normalization_scale(selection, "mean", grad_average, selector.group)
-    else:
-        loss = _zero_weight_loss(
-            model, module, inputs, targets, scores, per_instance, reduce_to_examples
-        )
-    (backward or torch.Tensor.backward)(loss)
+    train_chunk = micro_batch_size or max(max(trained_per_rank), 1)
+    num_chunks = max(1, max(-(-n // train_chunk) for n in trained_per_rank))
+    scale = normalization_scale(selection, "mean", grad_average, group)
+    loss_total = torch.zeros((), dtype=example_losses.dtype, device=example_losses.device)
+    selected_sum = torch.zeros((), dtype=torch.float64, device=example_losses.device)
+    for index, rows in enumerate(chunk_bounds(num_trained, train_chunk, num_chunks)):
+        with _gradient_sync(model, sync=index == num_chunks - 1):
+            if rows.stop > rows.start:
+                losses, _ = reduce_losses(
+                    call_model(model, select_rows(train_inputs, rows)),
+                    select_rows(train_targets, rows),
+                )
+                loss = losses.sum() * scale
+                selected_sum += losses.detach().sum(dtype=torch.float64)
+            else:
+                loss = _zero_weight_loss(
+                    model, module, inputs, targets, example_losses, reduce_losses
+                )
+            (backward or torch.Tensor.backward)(loss)
+        loss_total = loss_total + loss.detach()
+    mean_loss = global_mean_loss(selected_sum, selection, group, sync_mean_loss)
     timings["training"] = time.perf_counter() - started
-    return StepOutput(loss.detach(), selection, num_trained, scores, timings)
-
-
-def mean_per_example(losses: torch.Tensor) -> torch.Tensor:
-    """``(N, ...) -> (N,)``: mean over every non-batch dim (identity for ``(N,)``)."""
-    # flatten, not reshape(N, -1): the latter is ambiguous for an empty batch (N = 0).
-    return losses.flatten(1).mean(dim=1) if losses.dim() > 1 else losses
+    return StepOutput(
+        loss=loss_total,
+        selection=selection,
+        num_trained_local=num_trained,
+        scores=scores,
+        mean_loss=mean_loss,
+        example_losses=example_losses,
+        valid=example_valid,
+        num_chunks=num_chunks,
+        timings=timings,
+    )
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -183,45 +285,42 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     Forwarding the inner module skips the wrapper's gradient-sync bookkeeping and
     DDP's buffer broadcast, which the no-grad scoring pass must not trigger.
     """
-    is_wrapper = isinstance(model, DistributedDataParallel) or any(
-        cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__
-    )
-    return model.module if is_wrapper else model
+    return model.module if _is_ddp(model) or _is_deepspeed_engine(model) else model
 
 
-def map_batch(fn: Callable[[torch.Tensor], torch.Tensor], batch: Batch) -> Batch:
-    """Apply ``fn`` to every tensor of a tensor / tuple / list / dict batch, same structure."""
-    if isinstance(batch, torch.Tensor):
-        return fn(batch)
-    if isinstance(batch, dict):
-        return type(batch)((key, map_batch(fn, value)) for key, value in batch.items())
-    if isinstance(batch, (tuple, list)):
-        mapped = [map_batch(fn, value) for value in batch]
-        return type(batch)(*mapped) if hasattr(batch, "_fields") else type(batch)(mapped)
-    raise TypeError(
-        f"a batch must be a tensor or a tuple/list/dict of tensors, got {type(batch).__name__}"
-    )
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, DistributedDataParallel)
 
 
-def batch_leaves(batch: Batch) -> list[torch.Tensor]:
-    """The tensors of a batch, in :func:`map_batch` order."""
-    leaves: list[torch.Tensor] = []
-    map_batch(lambda t: leaves.append(t) or t, batch)
-    return leaves
+def _is_deepspeed_engine(model: nn.Module) -> bool:
+    return any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
 
 
-def batch_size(batch: Batch) -> int:
-    """Examples in a batch (dim 0 of its first tensor)."""
-    leaves = batch_leaves(batch)
-    return int(leaves[0].shape[0]) if leaves else 0
+@contextmanager
+def _gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Let the backward inside synchronise gradients (``sync``), or defer it to a later one.
 
-
-def _call(model: nn.Module, inputs: Batch) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    DDP: ``no_sync()``. DeepSpeed: the engine's accumulation boundary is forced off and
+    restored after (stages that communicate in every backward still do; every rank runs
+    the same chunks, and averaging is linear, so the result is the same). Other models
+    synchronise in every backward, if at all, with the same result.
+    """
+    if sync:
+        yield
+    elif _is_ddp(model):
+        with model.no_sync():
+            yield
+    elif _is_deepspeed_engine(model):
+        # The override is an attribute of the engine (None = follow the micro-step count);
+        # restoring it keeps the user's own accumulation schedule intact.
+        saved = model._is_gradient_accumulation_boundary
+        model.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            model._is_gradient_accumulation_boundary = saved
+    else:
+        yield
 
 
 @contextmanager
@@ -263,76 +362,23 @@ def _scoring_context(module: nn.Module, score_mode: str, inputs: Batch) -> Itera
         yield
 
 
-def _zero_weight_loss(model, module, inputs, targets, scores, per_instance, reduce_to_examples):
-    """A zero loss through the wrapped model, for a rank that trains on no example.
+def _zero_weight_loss(
+    model: nn.Module,
+    module: nn.Module,
+    inputs: Batch,
+    targets: Batch,
+    example_losses: torch.Tensor,
+    reduce_losses: ExampleLosses,
+) -> torch.Tensor:
+    """A zero loss through the wrapped model, for a chunk with no example to train.
 
-    Only examples with a finite score go through: the backward of a NaN or inf example
+    Only examples with a finite loss go through: the backward of a NaN or inf example
     (NaN inputs, say) is NaN even at weight 0 and would poison every rank's gradient.
     """
     # Two, so BatchNorm1d accepts the batch in train mode.
-    rows = torch.isfinite(scores).nonzero().squeeze(1)[:2]
-    head = map_batch(lambda t: t.index_select(0, rows.to(t.device)), inputs)
-    head_targets = map_batch(lambda t: t.index_select(0, rows.to(t.device)), targets)
+    rows = torch.isfinite(example_losses).nonzero().squeeze(1)[:2]
     with frozen_norm_statistics(module):
-        losses = reduce_to_examples(per_instance(_call(model, head), head_targets))
-    return torch.where(torch.zeros_like(losses, dtype=torch.bool), losses, 0.0).sum()
-
-
-def _balance(
-    inputs: Batch, targets: Batch, selection: SelectionResult, selector: HardExampleSelector
-) -> tuple[Batch, Batch]:
-    """One all-to-all: rank q ends with the q-th contiguous floor/ceil(M/W) share of the
-    selected examples in global (rank-major) order."""
-    world_size = len(selection.selected_per_rank)
-    rank = comm.get_rank(selector.group)
-    total = selection.num_selected_global
-    share = [total // world_size + (1 if q < total % world_size else 0) for q in range(world_size)]
-    if list(selection.selected_per_rank) == share:
-        return inputs, targets  # already balanced; every rank knows it and skips together
-    owned_start = _prefix_sums(list(selection.selected_per_rank))
-    share_start = _prefix_sums(share)
-
-    def overlap(src: int, dst: int) -> int:
-        low = max(owned_start[src], share_start[dst])
-        high = min(
-            owned_start[src] + selection.selected_per_rank[src], share_start[dst] + share[dst]
+        losses, _ = reduce_losses(
+            call_model(model, select_rows(inputs, rows)), select_rows(targets, rows)
         )
-        return max(0, high - low)
-
-    send_counts = [overlap(rank, q) for q in range(world_size)]
-    recv_counts = [overlap(r, rank) for r in range(world_size)]
-    packed, unpack = _pack_rows(batch_leaves((inputs, targets)))
-    received = comm.all_to_all_uneven(packed, send_counts, recv_counts, selector.group)
-    leaves = iter(unpack(received))
-    return map_batch(lambda _: next(leaves), (inputs, targets))
-
-
-def _prefix_sums(values: list[int]) -> list[int]:
-    starts, running = [], 0
-    for value in values:
-        starts.append(running)
-        running += value
-    return starts
-
-
-def _pack_rows(leaves: list[torch.Tensor]):
-    """Pack tensors with a common dim 0 into one uint8 ``(N, bytes)`` matrix (row-aligned),
-    so that one collective moves all of them; returns it and the inverse."""
-    rows = leaves[0].shape[0]
-    columns = [
-        leaf.contiguous().reshape(rows, math.prod(leaf.shape[1:])).view(torch.uint8)
-        for leaf in leaves
-    ]
-    widths = [c.shape[1] for c in columns]
-    device = leaves[0].device
-    packed = torch.cat([c.to(device) for c in columns], dim=1)
-
-    def unpack(matrix: torch.Tensor) -> list[torch.Tensor]:
-        out, start = [], 0
-        for leaf, width in zip(leaves, widths, strict=True):
-            part = matrix[:, start : start + width].contiguous().view(leaf.dtype)
-            out.append(part.reshape(matrix.shape[0], *leaf.shape[1:]).to(leaf.device))
-            start += width
-        return out
-
-    return packed, unpack
+    return torch.where(torch.zeros_like(losses, dtype=torch.bool), losses, 0.0).sum()

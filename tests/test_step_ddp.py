@@ -293,7 +293,7 @@ def test_step_output_reports_scores_counts_and_phase_times():
 
 
 def test_mean_per_example_handles_dense_and_empty_batches():
-    from dist_ohem.step import mean_per_example
+    from dist_ohem.scoring import mean_per_example
 
     dense = torch.arange(24.0).view(2, 3, 4)
     torch.testing.assert_close(mean_per_example(dense), dense.view(2, -1).mean(1))
