@@ -14,29 +14,10 @@ the concatenated batch), a few ulps (observed <= 1e-7).
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-from tests.framework_scripts.parity_cases import ACCELERATE_RUNS, DEEPSPEED_RUNS, WORLD_SIZE, Run
-from tests.launching import launch, launcher_command
-
-SCRIPTS = Path(__file__).resolve().parent / "framework_scripts"
-TOLERANCE = 1e-6
-
-
-def require(module: str) -> None:
-    """Skip when ``module`` is not installed (it is in CI: the accelerate/deepspeed extras)."""
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not installed")
-
-
-def launch_script(tmp_path_factory, launcher: str, script: str) -> dict:
-    """Launch ``script`` on 2 CPU ranks under ``launcher``; return its rank 0's results."""
-    out = tmp_path_factory.mktemp(launcher) / "result.json"
-    command = [*launcher_command(launcher, WORLD_SIZE), str(SCRIPTS / script)]
-    return launch(launcher, command, out)
+from tests.framework_scripts.launch_checks import check_parity, launch_script, record, require
+from tests.framework_scripts.parity_cases import ACCELERATE_RUNS, DEEPSPEED_RUNS, Run
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +37,9 @@ def deepspeed_results(tmp_path_factory) -> dict:
 def check_run(results: dict, run: Run, wrapper: str) -> None:
     """The recorded run used 2 ranks and the framework, selected like the reference,
     balanced when asked, and updated the parameters like the reference (<= TOLERANCE)."""
-    assert run.name in results, f"no result for {run.name}; got {sorted(results)}"
-    result = results[run.name]
-    assert result["world_size"] == WORLD_SIZE
+    result = record(results, run.name)
     assert result["wrapper"] == wrapper
     assert result.get("zero_stage") == run.zero_stage
-    assert result["selected_per_rank"] == result["reference_selected_per_rank"]
     selected, trained = result["selected_per_rank"], result["trained_per_rank"]
     if run.case.balance:
         for counts, owned in zip(trained, selected, strict=True):
@@ -71,9 +49,7 @@ def check_run(results: dict, run: Run, wrapper: str) -> None:
         assert trained != selected
     else:
         assert trained == selected
-    assert result["max_abs_diff"] <= TOLERANCE, (
-        f"{run.name}: max |param - reference| {result['max_abs_diff']:.3e} > {TOLERANCE}"
-    )
+    check_parity(result, run.name)
 
 
 @pytest.mark.parametrize("run", ACCELERATE_RUNS, ids=lambda run: run.name)

@@ -1,0 +1,248 @@
+"""``ohem_loss_func`` under a real ``transformers.Trainer`` on 2 CPU ranks, one launch.
+
+Launched by tests/test_integration_frameworks.py as
+``torchrun --nproc_per_node=2 ... transformers_trainer.py --out result.json``.
+
+Each configuration (``average_tokens_across_devices`` on/off x gradient accumulation 1/2,
+plus an M = 1 run where one rank selects nothing) trains a tiny GPT-2 built from a config
+(no download) for one optimizer step: plain SGD, LR 1, constant schedule, no clipping,
+no weight decay. The parameters after the step are compared with a single process that
+forwards the concatenation of the micro-batches every rank actually received (recorded
+in ``compute_loss``), selects by an independent sort, and takes the gradient of
+``mean_b(mean of the selected token losses of micro-batch b)``. The Trainer's logged
+``loss`` is compared with that objective's value.
+
+The ``naive-*`` configurations pass a bare ``OHEMLoss`` as ``compute_loss_func``: their
+update, relative to the reference update, shows the Trainer's rescaling that
+``ohem_loss_func`` corrects (W x with ``average_tokens_across_devices``, G x more with
+accumulation).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+from dist_ohem.integrations.transformers import TrainerOHEMLoss, ohem_loss_func
+from tests.framework_scripts.parity_cases import (
+    LR,
+    checked_world_size,
+    hardest_mask,
+    max_abs_diff,
+    output_path,
+    write_results,
+)
+
+VOCAB = 37
+SEQ_LEN = 9
+BATCH_PER_RANK = 2
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Config:
+    """One Trainer run: its settings and the selection rule."""
+
+    name: str
+    average_tokens: bool
+    accumulation: int
+    rule: dict
+    naive: bool = False
+
+
+CONFIGS = (
+    Config("avg-tokens-ga1", True, 1, {"keep": 0.3}),
+    Config("avg-tokens-ga2", True, 2, {"keep": 0.3}),
+    Config("no-avg-tokens-ga1", False, 1, {"keep": 0.3}),
+    Config("no-avg-tokens-ga2", False, 2, {"keep": 0.3}),
+    Config("avg-tokens-ga2-top1", True, 2, {"top_k": 1}),
+    Config("naive-avg-tokens-ga1", True, 1, {"keep": 0.3}, naive=True),
+    Config("naive-avg-tokens-ga2", True, 2, {"keep": 0.3}, naive=True),
+)
+
+
+class TokenDataset(Dataset):
+    """``rows`` causal-LM examples; row r's labels ignore a different share of positions.
+
+    The rows of the 2nd micro-batch of rank 1 (rows 6 and 7 under the sequential
+    sampler) have every label ignored: that rank has K = 0 there and selects nothing.
+    """
+
+    def __init__(self, rows: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(0, VOCAB, (rows, SEQ_LEN), generator=gen)
+        self.labels = self.input_ids.clone()
+        drop = torch.rand(rows, SEQ_LEN, generator=gen) < torch.linspace(0.0, 0.6, rows)[:, None]
+        self.labels[drop] = IGNORE
+        self.labels[6:8] = IGNORE
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
+
+def make_model() -> GPT2LMHeadModel:
+    """A 1-layer GPT-2 without dropout, identical on every rank and in the reference."""
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+class BareOHEMLoss(TrainerOHEMLoss):
+    """``OHEMLoss`` on the shifted tokens as it is, without the Trainer correction."""
+
+    def __call__(self, outputs, labels, num_items_in_batch=None) -> torch.Tensor:
+        return self.criterion(*self._predictions(outputs, labels))
+
+
+class RecordingTrainer(Trainer):
+    """Records, per micro-batch, the inputs this rank received and the selection made."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen_batches: list[dict[str, torch.Tensor]] = []
+        self.selected_per_rank: list[list[int]] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.seen_batches.append({key: value.clone() for key, value in inputs.items()})
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.selected_per_rank.append(list(self.compute_loss_func.last.selected_per_rank))
+        return loss
+
+
+def train(config: Config, output_dir: str) -> tuple[RecordingTrainer, TrainerOHEMLoss]:
+    """One optimizer step of the Trainer over ``config.accumulation`` micro-batches."""
+    args = TrainingArguments(
+        output_dir=output_dir,
+        use_cpu=True,
+        ddp_backend="gloo",
+        per_device_train_batch_size=BATCH_PER_RANK,
+        gradient_accumulation_steps=config.accumulation,
+        average_tokens_across_devices=config.average_tokens,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+    )
+    rows = BATCH_PER_RANK * dist.get_world_size() * config.accumulation
+    loss_func = (
+        BareOHEMLoss(args, True, IGNORE, dict(config.rule))
+        if config.naive
+        else ohem_loss_func(args, **config.rule)
+    )
+    trainer = RecordingTrainer(
+        model=make_model(),
+        args=args,
+        train_dataset=TokenDataset(rows, seed=len(config.name)),
+        compute_loss_func=loss_func,
+    )
+    trainer.train()
+    return trainer, loss_func
+
+
+def reference(
+    batches: list[list[dict[str, torch.Tensor]]], rule: dict
+) -> tuple[list[torch.Tensor], float, list[list[int]]]:
+    """Single process on the concatenated micro-batches ``batches[b][rank]``.
+
+    Returns the parameters after ``p - LR * grad`` of ``mean_b(mean of the selected
+    token losses of micro-batch b)``, that objective's value and, per micro-batch, the
+    selected tokens that fall in each rank's part of the concatenation (rank-major).
+    """
+    model = make_model()
+    objective = 0.0
+    selected_per_rank = []
+    for per_rank in batches:
+        input_ids = torch.cat([batch["input_ids"] for batch in per_rank])
+        labels = torch.cat([batch["labels"] for batch in per_rank])
+        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        # Rank r's tokens are the rows it received, flattened in order: rank-major.
+        losses = nn.functional.cross_entropy(
+            logits.reshape(-1, VOCAB), targets.reshape(-1), reduction="none", ignore_index=IGNORE
+        )
+        mask = hardest_mask(losses, targets.reshape(-1) != IGNORE, rule)
+        mean = losses[mask].mean() / len(batches)
+        mean.backward()
+        objective += mean.item()
+        tokens_per_rank = [batch["labels"][:, 1:].numel() for batch in per_rank]
+        selected_per_rank.append([int(part.sum()) for part in mask.split(tokens_per_rank)])
+    with torch.no_grad():
+        params = [p - LR * p.grad for p in model.parameters()]
+    return params, objective, selected_per_rank
+
+
+def update_ratio(
+    trained: list[torch.Tensor], expected: list[torch.Tensor], initial: list[torch.Tensor]
+) -> float:
+    """The trained update projected on the reference update, in units of the latter:
+    1.0 when they agree, 2.0 for an update twice as large."""
+
+    def flat_update(params: list[torch.Tensor]) -> torch.Tensor:
+        pairs = zip(params, initial, strict=True)
+        return torch.cat([(p.detach() - i.detach()).flatten() for p, i in pairs])
+
+    got, want = flat_update(trained), flat_update(expected)
+    return float(got @ want / (want @ want))
+
+
+def main() -> None:
+    """Run every configuration; rank 0 writes one JSON record per configuration."""
+    out_path = output_path()
+    # The Trainer's Accelerate state adopts a process group that is already up.
+    dist.init_process_group("gloo")
+    world_size = checked_world_size()
+    results = {}
+    with tempfile.TemporaryDirectory() as output_dir:
+        for config in CONFIGS:
+            trainer, loss_func = train(config, output_dir)
+            gathered: list = [None] * world_size
+            dist.all_gather_object(gathered, trainer.seen_batches)
+            batches = [list(per_rank) for per_rank in zip(*gathered, strict=True)]
+            params, objective, reference_selected = reference(batches, config.rule)
+            logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+            trained = list(trainer.model.parameters())
+            results[config.name] = {
+                "world_size": world_size,
+                "micro_batches": len(trainer.seen_batches),
+                "accumulation": config.accumulation,
+                "max_abs_diff": max_abs_diff(trained, params),
+                "update_ratio": update_ratio(trained, params, list(make_model().parameters())),
+                "selected_per_rank": trainer.selected_per_rank,
+                "reference_selected_per_rank": reference_selected,
+                "logged_loss": logged,
+                "reference_loss": objective,
+                "loss_func": type(loss_func).__name__,
+            }
+    write_results(out_path, results)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

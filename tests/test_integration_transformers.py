@@ -1,0 +1,157 @@
+"""``dist_ohem.integrations.transformers.ohem_loss_func`` under the real HF Trainer.
+
+The parity runs are one ``torchrun`` launch of 2 CPU ranks
+(``tests/framework_scripts/transformers_trainer.py``) training a tiny GPT-2 for one
+SGD step per configuration: ``average_tokens_across_devices`` on and off, gradient
+accumulation 1 and 2 (one rank with no valid token in a micro-batch), M = 1 (one rank
+selects nothing), and a bare ``OHEMLoss`` that shows the Trainer's rescaling.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from tests.framework_scripts.launch_checks import check_parity, launch_script, record, require
+
+pytest.importorskip("transformers")
+
+from transformers import TrainingArguments
+
+from dist_ohem import DistributedInputError
+from dist_ohem.integrations.transformers import ohem_loss_func
+from tests.framework_scripts.parity_cases import hardest_mask
+
+#: The configurations of transformers_trainer.py, with the micro-batches each runs.
+CORRECTED = {
+    "avg-tokens-ga1": 1,
+    "avg-tokens-ga2": 2,
+    "no-avg-tokens-ga1": 1,
+    "no-avg-tokens-ga2": 2,
+    "avg-tokens-ga2-top1": 2,
+}
+#: Bare OHEMLoss: the update is W x too large with average_tokens_across_devices, and
+#: G x more with G accumulation steps (the Trainer does not divide a compute_loss_func).
+NAIVE_UPDATE_RATIO = {"naive-avg-tokens-ga1": 2.0, "naive-avg-tokens-ga2": 4.0}
+
+
+@pytest.fixture(scope="module")
+def trainer_results(tmp_path_factory) -> dict:
+    """One torchrun of 2 CPU ranks running every Trainer configuration."""
+    require("transformers")
+    return launch_script(tmp_path_factory, "torchrun", "transformers_trainer.py")
+
+
+@pytest.mark.parametrize("name", sorted(CORRECTED))
+def test_trainer_update_and_logged_loss_match_single_process(trainer_results, name):
+    result = record(trainer_results, name)
+    assert result["micro_batches"] == CORRECTED[name]
+    check_parity(result, name)
+    assert result["update_ratio"] == pytest.approx(1.0, abs=1e-5)
+    # The logged loss is the mean over micro-batches of each one's global OHEM mean.
+    assert result["logged_loss"] == [pytest.approx(result["reference_loss"], rel=1e-6)]
+
+
+def test_trainer_cases_cover_idle_ranks(trainer_results):
+    """A rank with no valid token (ga2: rank 1's 2nd micro-batch) and M = 1 both occur."""
+    assert trainer_results["avg-tokens-ga2"]["selected_per_rank"][1][1] == 0
+    top1 = trainer_results["avg-tokens-ga2-top1"]["selected_per_rank"]
+    assert all(sorted(counts) == [0, 1] for counts in top1)
+
+
+@pytest.mark.parametrize("name", sorted(NAIVE_UPDATE_RATIO))
+def test_bare_ohem_loss_is_rescaled_by_the_installed_trainer(trainer_results, name):
+    """Holds the Trainer behaviour that ohem_loss_func corrects (transformers as
+    installed): if this fails, the Trainer's rescaling changed and so must the fix."""
+    result = record(trainer_results, name)
+    assert result["selected_per_rank"] == result["reference_selected_per_rank"]
+    assert result["update_ratio"] == pytest.approx(NAIVE_UPDATE_RATIO[name], rel=1e-5)
+
+
+def training_args(tmp_path, **kwargs) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **kwargs)
+
+
+def test_wrong_training_args_type_is_a_clear_error():
+    with pytest.raises(TypeError, match="TrainingArguments"):
+        ohem_loss_func({"gradient_accumulation_steps": 1}, keep=0.5)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "labels", "message"),
+    [
+        ((torch.zeros(2, 5, 7),), torch.zeros(2, 5, dtype=torch.long), "no logits"),
+        ({"loss": torch.zeros(())}, torch.zeros(2, 5, dtype=torch.long), "no logits"),
+        ({"logits": torch.zeros(2, 5, 7)}, None, "labels must be a tensor"),
+        ({"logits": torch.zeros(2, 5, 7)}, torch.zeros(2, 4, dtype=torch.long), "shift_labels"),
+    ],
+)
+def test_bad_model_output_is_a_clear_error(tmp_path, outputs, labels, message):
+    loss_func = ohem_loss_func(training_args(tmp_path), keep=0.5)
+    with pytest.raises(DistributedInputError, match=message):
+        loss_func(outputs, labels, num_items_in_batch=None)
+
+
+@pytest.mark.parametrize("shift_labels", [True, False])
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_single_process_value_is_the_ohem_mean_over_accumulation(
+    tmp_path, shift_labels, accumulation
+):
+    """W = 1: the value is mean(top-M token losses) / G; ignored tokens never count."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 6, 11, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 6), generator=gen)
+    labels[0, 2:] = -100
+    args = training_args(tmp_path, gradient_accumulation_steps=accumulation)
+    loss_func = ohem_loss_func(args, keep=0.4, shift_labels=shift_labels)
+    value = loss_func({"logits": logits}, labels, num_items_in_batch=torch.tensor(9))
+
+    predicted, targets = (logits[:, :-1], labels[:, 1:]) if shift_labels else (logits, labels)
+    losses = nn.functional.cross_entropy(
+        predicted.reshape(-1, 11), targets.reshape(-1), reduction="none", ignore_index=-100
+    )
+    valid = targets.reshape(-1) != -100
+    mask = hardest_mask(losses, valid, {"keep": 0.4})
+    assert int(mask.sum()) == math.ceil(0.4 * int(valid.sum()))
+    assert loss_func.last.num_valid_global == int(valid.sum())
+    torch.testing.assert_close(value, losses[mask].mean() / accumulation)
+
+
+def ranked_bad_output(rank_without_logits: int) -> str:
+    """On W ranks: rank ``rank_without_logits`` passes a model output without logits."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        loss_func = ohem_loss_func(
+            TrainingArguments(output_dir=output_dir, use_cpu=True, report_to=[]), keep=0.5
+        )
+    labels = torch.zeros(2, 5, dtype=torch.long)
+    logits = torch.zeros(2, 5, 7)
+    outputs = (logits,) if dist.get_rank() == rank_without_logits else {"logits": logits}
+    try:
+        loss_func(outputs, labels)
+    except DistributedInputError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_output_without_logits_on_one_rank_fails_on_every_rank(ranks):
+    messages = ranks.run(2, ranked_bad_output, 1, timeout=120)
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("rank 1: the model output has no logits")
+
+
+def test_import_dist_ohem_does_not_import_the_frameworks():
+    frameworks = ("transformers", "lightning", "deepspeed", "accelerate")
+    code = f"import sys, dist_ohem; print([m for m in {frameworks!r} if m in sys.modules])"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"
