@@ -17,6 +17,8 @@ from dist_ohem import HardExampleSelector, SelectionRule, select_mask
 
 NUM_CLASSES = 4
 IGNORE = -100
+VOCAB = 11
+TOKEN_CLASSES = 5
 
 
 @dataclass
@@ -100,3 +102,90 @@ def reference_mask(
 def _rule_kwargs(kwargs: dict) -> dict:
     names = ("keep", "top_k", "loss_thresh", "neg_pos_ratio", "min_kept")
     return {k: v for k, v in kwargs.items() if k in names}
+
+
+def skewed_batch(seed: int, sizes: list[int], hard_rank: int | None):
+    """A global batch; with ``hard_rank``, only that rank's examples are misclassified.
+
+    Targets are the initial model's least likely class on ``hard_rank``'s slice (hard)
+    and its most likely class elsewhere (easy), so a top-k of that slice's size lands
+    entirely on one rank and the other ranks own nothing.
+    """
+    inputs, targets = classification_batch(seed, sum(sizes))
+    if hard_rank is not None:
+        with torch.no_grad():
+            logits = make_mlp()(inputs)
+        hard = torch.zeros(len(targets), dtype=torch.bool)
+        rank_slice(hard, sizes, hard_rank)[:] = True
+        targets = torch.where(hard, logits.argmin(1), logits.argmax(1))
+    return inputs, targets
+
+
+class TokenModel(nn.Module):
+    """``(N, T)`` token ids -> ``(N, TOKEN_CLASSES, T)`` logits, the layout CrossEntropyLoss
+    takes with ``(N, T)`` targets. Holds a buffer, so DDP broadcasts in every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, TOKEN_CLASSES)
+        self.register_buffer("temperature", torch.tensor(1.5))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.embedding(tokens))
+        return (self.head(hidden) / self.temperature).transpose(1, 2)
+
+
+class BufferedMLP(nn.Module):
+    """:func:`make_mlp` behind a constant input scale kept as a buffer: the same function
+    shape, but DDP broadcasts the buffer in every forward, so ranks that ran different
+    numbers of forwards would hang."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = make_mlp()
+        self.register_buffer("input_scale", torch.tensor(0.8))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.mlp(inputs * self.input_scale)
+
+
+def token_batch(
+    seed: int, n: int, length: int = 6, fully_ignored: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n, length)`` token ids and targets; each sequence has its own padded length
+    (targets IGNORE past it), a few prompt positions are IGNORE too, and the examples
+    ``fully_ignored`` have no valid position at all."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, VOCAB, (n, length), generator=gen)
+    targets = torch.randint(0, TOKEN_CLASSES, (n, length), generator=gen)
+    lengths = torch.randint(1, length + 1, (n,), generator=gen)
+    padding = torch.arange(length).unsqueeze(0) >= lengths.unsqueeze(1)
+    tokens[padding] = 0
+    targets[padding | (torch.rand(n, length, generator=gen) < 0.15)] = IGNORE
+    targets[list(fully_ignored)] = IGNORE
+    return tokens, targets
+
+
+def reference_count(rule: dict, num_valid: int) -> int:
+    """M for a ``keep`` or ``top_k`` rule with optional ``min_kept`` (DESIGN.md §3)."""
+    min_kept = rule.get("min_kept", 0)
+    if "keep" in rule:
+        # A product within 1e-9 of an integer counts as that integer.
+        wanted = math.ceil(rule["keep"] * num_valid - 1e-9)
+    else:
+        wanted = rule["top_k"]
+    return min(num_valid, max(min_kept, wanted))
+
+
+def brute_force_top(scores: torch.Tensor, valid: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool mask of the ``count`` valid entries with the highest score, ties to the lower
+    index (DESIGN.md §2), by sorting Python tuples."""
+    order = sorted(
+        (i for i in range(len(scores)) if bool(valid[i])),
+        key=lambda i: (-float(scores[i]), i),
+    )
+    mask = torch.zeros(len(scores), dtype=torch.bool)
+    mask[order[:count]] = True
+    return mask

@@ -11,26 +11,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_ohem import HardExampleSelector, OHEMLoss, ohem_step
 from dist_ohem.comm import get_rank
-from tests.parity import classification_batch, make_mlp, rank_slice, reference_mask
+from tests.parity import (
+    classification_batch,
+    make_mlp,
+    rank_slice,
+    reference_mask,
+    skewed_batch,
+)
 
 TOLERANCE = 1e-6
-
-
-def skewed_batch(seed: int, sizes: list[int], hard_rank: int | None):
-    """A global batch; with ``hard_rank``, only that rank's examples are misclassified.
-
-    Targets are the initial model's least likely class on ``hard_rank``'s slice (hard)
-    and its most likely class elsewhere (easy), so a top-k of that slice's size lands
-    entirely on one rank and the other ranks own nothing.
-    """
-    inputs, targets = classification_batch(seed, sum(sizes))
-    if hard_rank is not None:
-        with torch.no_grad():
-            logits = make_mlp()(inputs)
-        hard = torch.zeros(len(targets), dtype=torch.bool)
-        rank_slice(hard, sizes, hard_rank)[:] = True
-        targets = torch.where(hard, logits.argmin(1), logits.argmax(1))
-    return inputs, targets
 
 
 def positives(targets, kwargs):
