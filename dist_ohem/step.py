@@ -200,12 +200,27 @@ def ohem_step(
     )
 
     started = time.perf_counter()
+    num_examples = batch_size(inputs)
+    input_error, chunk_size, requested = None, max(num_examples, 1), None
     try:
-        num_examples = batch_size(inputs)
         chunk_size = checked_micro_batch_size(micro_batch_size, num_examples)
         requested = checked_valid(valid, num_examples)
-        # At least one chunk, so that an empty batch still yields dtypes and devices.
-        num_scoring_chunks = max(1, -(-num_examples // chunk_size))
+    except (TypeError, ValueError) as exc:
+        input_error = str(exc)
+    # At least one chunk, so that an empty batch still yields dtypes and devices.
+    num_scoring_chunks = max(1, -(-num_examples // chunk_size))
+    num_padding_chunks = 0
+    if micro_batch_size is not None and _forward_communicates(model):
+        # ZeRO-3 / FSDP gather parameters in every forward, so every rank must run as many
+        # scoring forwards, and a rank with bad input must not start them alone.
+        device = next(iter(batch_leaves(inputs)), torch.empty(0)).device
+        most_chunks, input_error = _agree_before_scoring(
+            num_scoring_chunks, input_error, device, group
+        )
+        num_padding_chunks = most_chunks - num_scoring_chunks
+    if input_error is not None:
+        selector.fail(input_error, caller_config=caller_config)
+    try:
         with torch.no_grad(), _scoring_context(module, score_mode, inputs):
             scored = [
                 score_chunk(
@@ -217,6 +232,8 @@ def ohem_step(
                 )
                 for rows in chunk_bounds(num_examples, chunk_size, num_scoring_chunks)
             ]
+            for _ in range(num_padding_chunks):
+                call_model(module, select_rows(inputs, slice(0, 2)))
         example_losses, scores, has_position = (
             torch.cat(part) for part in zip(*scored, strict=True)
         )
@@ -294,6 +311,34 @@ def _is_ddp(model: nn.Module) -> bool:
 
 def _is_deepspeed_engine(model: nn.Module) -> bool:
     return any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
+
+
+def _forward_communicates(model: nn.Module) -> bool:
+    """True for engines whose forward gathers parameters: DeepSpeed ZeRO-3 and FSDP."""
+    if _is_deepspeed_engine(model):
+        return model.zero_optimization_stage() == 3
+    return any(
+        cls.__name__ in ("FullyShardedDataParallel", "FSDPModule")
+        for submodule in model.modules()
+        for cls in type(submodule).__mro__
+    )
+
+
+def _agree_before_scoring(
+    num_chunks: int, input_error: str | None, device: torch.device, group: object
+) -> tuple[int, str | None]:
+    """One all-gather of ``(error flag, scoring chunks)`` per rank.
+
+    Returns the most chunks of any rank and the error to fail with: this rank's own, or,
+    when only other ranks failed, a note that they did (every rank then joins the
+    selector's fail-together exchange, which names the ranks and their messages).
+    """
+    row = torch.tensor([[int(input_error is not None), num_chunks]], device=device)
+    rows = torch.cat(comm.all_gather_uneven(row, group, [1] * comm.get_world_size(group)))
+    if input_error is None and bool(rows[:, 0].any()):
+        failed = rows[:, 0].nonzero().squeeze(1).tolist()
+        input_error = f"stopped before scoring because rank(s) {failed} rejected their input"
+    return int(rows[:, 1].max()), input_error
 
 
 @contextmanager
