@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(1, str(ROOT))  # `python bench/quality.py` puts bench/ first on sys.path
 
 from bench.common import markdown_table, run_meta, write_report  # noqa: E402
-from launch.train import free_port  # noqa: E402
+from launch.engines import free_port  # noqa: E402
 
 VARIANTS = {
     "all": "no mining",

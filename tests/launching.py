@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil  # a dependency of accelerate and of deepspeed, the launchers tested
 import pytest
 
-from launch.train import free_port
+from launch.engines import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

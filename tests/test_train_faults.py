@@ -18,7 +18,8 @@ import psutil
 import pytest
 import torch
 
-from launch.train import atomic_torch_save, free_port
+from launch.checkpoints import atomic_torch_save
+from launch.engines import free_port
 from tests.training import LONG, SMALL, comparable, finish, read_run, running, train
 
 

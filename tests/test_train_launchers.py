@@ -18,16 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch.checkpoints import resume_checkpoint
+from launch.config import Config, ConfigError, parse_args, read_config_file
+from launch.data import batch_indices, data_position, rank_pool
 from launch.tasks import make_task
-from launch.train import (
-    Config,
-    ConfigError,
-    batch_indices,
-    data_position,
-    parse_args,
-    rank_pool,
-    read_config_file,
-)
 from tests.launching import REPO
 from tests.training import (
     LONG,
@@ -174,7 +168,7 @@ def test_config_errors_name_the_fix(tmp_path: Path) -> None:
         (["run_dir=/dev/null/run"], "run_dir=/dev/null/run cannot be created or written"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
-            parse_args([f"run_dir={tmp_path}", *args])  # a later run_dir= wins
+            resume_checkpoint(parse_args([f"run_dir={tmp_path}", *args]))  # a later run_dir= wins
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("max_steps: many\n")
     with pytest.raises(

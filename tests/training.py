@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.train import free_port
+from launch.engines import free_port
 from tests.launching import BIN, REPO, child_env, kill_tree, launcher_command
 
 #: A short run: 8 steps of 2 x 64 examples, evaluations and checkpoints every 3.

@@ -1,0 +1,178 @@
+"""Checkpoints: atomic saves, loading on every rank, and which checkpoint ``resume`` picks
+(``CheckpointError`` names the file and the way out)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dist_ohem import HardExampleSelector
+from dist_ohem.step import unwrap_model
+from launch.config import HARMLESS_ON_RESUME, Config, ConfigError
+from launch.data import data_position
+from launch.engines import Engine
+from launch.tasks import Task
+
+log = logging.getLogger("train")
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    """``run_dir/checkpoints``: ``step_XXXXXXXX.pt`` files (and DeepSpeed shard folders)."""
+    return Path(cfg.run_dir) / "checkpoints"
+
+
+def committed_checkpoints(cfg: Config) -> list[Path]:
+    """The complete checkpoints of the run, oldest first (``*.pt.tmp`` are unfinished)."""
+    found = checkpoint_dir(cfg).glob("step_*.pt")
+    return sorted(p for p in found if re.fullmatch(r"step_\d{8}\.pt", p.name))
+
+
+def resume_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint ``cfg.resume`` asks for: None (fresh start), or an existing file."""
+    if cfg.resume == "false":
+        return None
+    if cfg.resume in ("true", "auto"):
+        found = committed_checkpoints(cfg)
+        if found:
+            return found[-1]
+        if cfg.resume == "auto":
+            return None
+        raise ConfigError(
+            f"resume=true but {checkpoint_dir(cfg)} holds no checkpoint; run with resume=false "
+            "(or resume=auto, which starts afresh when there is none)"
+        )
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file")
+    return path
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be loaded; the message names the file and the way out."""
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """Write ``path`` so that it is either absent or complete, never partial."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as file:
+        torch.save(obj, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    cfg: Config,
+    eng: Engine,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    selector: HardExampleSelector,
+    task: Task,
+    step: int,
+) -> None:
+    """Checkpoint after ``step``; called on every rank, rank 0 commits ``step_*.pt``.
+
+    The file holds the trainer state: step and data position, the scheduler, the
+    selector's call counter (scope="random" draws depend on it), every rank's RNG state
+    (dropout) and, for DDP and Accelerate, the model and optimizer (identical on every
+    rank, so rank 0's copy suffices). A DeepSpeed engine saves itself with
+    ``engine.save_checkpoint``: under ZeRO each rank holds only its shard of the
+    optimizer state. Its shards go to the folder ``step_*`` first; writing ``step_*.pt``
+    (atomically) is the commit, so a crash mid-save leaves the previous checkpoint in
+    force. The newest ``keep_checkpoints`` are kept.
+    """
+    directory = checkpoint_dir(cfg)
+    name = f"step_{step:08d}"
+    rng = [rng_state(eng.device)] * eng.world_size
+    if dist.is_initialized():
+        dist.all_gather_object(rng, rng_state(eng.device))
+    state: dict[str, object] = {
+        "step": step,
+        # (epoch, batch in epoch) of each rank's next step: a function of the step, kept
+        # for people reading the checkpoint.
+        "data_position": [
+            data_position(cfg, task, step + 1, r, eng.world_size) for r in range(eng.world_size)
+        ],
+        "scheduler": scheduler.state_dict(),
+        "selector_calls": selector.num_calls,
+        "rng": rng,
+        "world_size": eng.world_size,
+        "config": dataclasses.asdict(cfg),
+    }
+    if eng.name == "deepspeed":
+        eng.model.save_checkpoint(str(directory), tag=name, save_latest=False)
+        dist.barrier()  # every rank's shard is on disk before the commit
+    else:
+        state["model"] = unwrap_model(eng.model).state_dict()
+        state["optimizer"] = eng.optimizer.state_dict()
+    if eng.rank == 0:
+        atomic_torch_save(state, directory / f"{name}.pt")
+        kept = {p.stem for p in committed_checkpoints(cfg)[-cfg.keep_checkpoints :]}
+        for path in directory.iterdir():  # older checkpoints and uncommitted shard folders
+            if path.name.split(".")[0] not in kept:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if dist.is_initialized():
+        dist.barrier()  # nobody runs ahead while the commit is being written
+
+
+def load_checkpoint(
+    path: Path,
+    cfg: Config,
+    eng: Engine,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    selector: HardExampleSelector,
+) -> int:
+    """Restore the state of :func:`save_checkpoint` on every rank; returns its step."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        step = state["step"]
+    except Exception as exc:  # any unreadable file gets the same advice
+        older = [p for p in committed_checkpoints(cfg) if p != path]
+        fallback = f"resume={older[-1]}" if older else "resume=false"
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); it is truncated "
+            f"or corrupt. Delete it, or start from another: {fallback}"
+        ) from exc
+    if state["world_size"] != eng.world_size:
+        raise ConfigError(
+            f"{path} was written by {state['world_size']} ranks, this run has "
+            f"{eng.world_size}: the data order depends on it; resume with "
+            f"{state['world_size']} ranks"
+        )
+    changed = [k for k, v in state["config"].items() if getattr(cfg, k, v) != v]
+    changed = [k for k in changed if k not in HARMLESS_ON_RESUME]
+    if changed:
+        log.warning("resuming with changed config keys %s: not an exact continuation", changed)
+    if eng.name == "deepspeed":
+        loaded, _ = eng.model.load_checkpoint(
+            str(path.parent), tag=path.stem, load_lr_scheduler_states=False
+        )
+        if loaded is None:
+            raise CheckpointError(
+                f"DeepSpeed could not load the shards {path.parent / path.stem} that {path} "
+                f"commits; was that folder removed? Start from another checkpoint: "
+                f"resume=<path> or resume=false"
+            )
+    else:
+        unwrap_model(eng.model).load_state_dict(state["model"])
+        eng.optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    selector.num_calls = state["selector_calls"]
+    cpu_rng, cuda_rng = state["rng"][eng.rank]
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, eng.device)
+    log.info("resumed from %s (step %d)", path, step)
+    return step
+
+
+def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The generators dropout draws from on this rank: CPU, and CUDA on a GPU."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
