@@ -8,12 +8,14 @@ the library runs unchanged in a plain single-process script.
 from __future__ import annotations
 
 import logging
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
     "DistributedInputError",
+    "all_gather_equal",
     "all_gather_uneven",
     "all_reduce_sum",
     "all_to_all_uneven",
@@ -22,6 +24,8 @@ __all__ = [
     "get_world_size",
     "is_distributed",
     "log_rank0",
+    "raise_together",
+    "to_device",
 ]
 
 logger = logging.getLogger("dist_ohem")
@@ -57,39 +61,67 @@ def log_rank0(message: str, *args: object, level: int = logging.INFO) -> None:
 
 
 def exchange_rank_rows(
-    row: torch.Tensor, error: str | None = None, group: dist.ProcessGroup | None = None
-) -> torch.Tensor:
+    row: torch.Tensor,
+    error: str | None = None,
+    group: dist.ProcessGroup | None = None,
+    listed: int | None = None,
+) -> tuple[list[list[int]], torch.Tensor]:
     """All-gather one fixed-length int64 row per rank, failing together on any rank's error.
 
-    This is the collective "did any rank fail?" check: the last column carries the
-    error flag, and when any rank set it, every rank gathers all error messages and
-    raises the same :class:`DistributedInputError`, instead of the healthy ranks waiting
-    in a collective that the failing rank never joins.
+    This is the collective "did any rank fail?" check: an error flag travels with the
+    row, and when any rank set it, every rank gathers all error messages and raises the
+    same :class:`DistributedInputError`, instead of the healthy ranks waiting in a
+    collective that the failing rank never joins.
 
     Args:
         row: 1-D int64 tensor, the same length on every rank.
         error: this rank's error message, or None.
+        listed: how many leading columns to return as Python ints (default all). The
+            flag check reads them in the same device-to-host copy: one per call.
 
     Returns:
-        ``(W, len(row))`` int64 tensor, row r from rank r.
+        ``(listed_rows, rows)``: the first ``listed`` columns of every rank's row as
+        Python lists (rank order) and the ``(W, len(row))`` int64 tensor, row r from rank r.
     """
-    flag = torch.tensor([int(error is not None)], device=row.device)
-    flagged = torch.cat([row.to(torch.int64), flag])
+    flag = row.new_full((1,), int(error is not None), dtype=torch.int64)
+    flagged = torch.cat([flag, row.to(torch.int64)])
+    rows = all_gather_equal(flagged, group)
+    head = rows[:, : 1 + (row.numel() if listed is None else listed)].tolist()
+    if any(head_row[0] for head_row in head):
+        raise_together(error, group)
+    return [head_row[1:] for head_row in head], rows[:, 1:]
+
+
+def raise_together(error: str | None, group: dist.ProcessGroup | None = None) -> NoReturn:
+    """Raise every rank's error message on every rank; all ranks of ``group`` must call it.
+
+    For a failure that all ranks detected from the same exchanged data: each rank passes
+    its own message (None if it has none), and all raise the same
+    :class:`DistributedInputError` listing the messages by rank.
+    """
+    messages: list[str | None] = [error]
+    if is_distributed(group):
+        messages = [None] * get_world_size(group)
+        dist.all_gather_object(messages, error, group=group)
+    raise DistributedInputError(
+        "; ".join(f"rank {rank}: {msg}" for rank, msg in enumerate(messages) if msg)
+    )
+
+
+def all_gather_equal(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``(W, *tensor.shape)``: every rank's ``tensor`` (same shape and dtype on all ranks)."""
     if not is_distributed(group):
-        rows = flagged.unsqueeze(0)
-    else:
-        rows = flagged.new_empty(get_world_size(group) * flagged.numel())
-        _all_gather_concat(rows, flagged, group)
-        rows = rows.view(get_world_size(group), flagged.numel())
-    if bool(rows[:, -1].any()):
-        messages: list[str | None] = [error]
-        if is_distributed(group):
-            messages = [None] * get_world_size(group)
-            dist.all_gather_object(messages, error, group=group)
-        raise DistributedInputError(
-            "; ".join(f"rank {rank}: {msg}" for rank, msg in enumerate(messages) if msg)
-        )
-    return rows[:, :-1]
+        return tensor.unsqueeze(0)
+    gathered = tensor.new_empty((get_world_size(group) * tensor.shape[0], *tensor.shape[1:]))
+    _all_gather_concat(gathered, tensor, group)
+    return gathered.view(get_world_size(group), *tensor.shape)
+
+
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 tensor of ``values`` on ``device``; on CUDA copied from pinned memory without
+    blocking the host (a plain ``torch.tensor(values, device=...)`` synchronizes)."""
+    host = torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda")
+    return host if device.type == "cpu" else host.to(device, non_blocking=True)
 
 
 def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

@@ -1,111 +1,438 @@
 """Distributed k-selection: the same top-m candidates on every rank, ties by global index.
 
-Each function here solves one problem. Rank r holds keys ``keys_r`` (integer hardness
-keys, see :func:`dist_ohem.selection.hardness_key`) and a candidate mask; over the
-rank-major concatenation of all ranks' keys, select the ``m`` candidates with the
-largest keys, equal keys going to the lower global index. Every rank gets its own part
-of that mask, the selected count of every rank and the m-th largest key, identical to
-:func:`dist_ohem.selection.top_m_mask` on the concatenated batch. All ranks call with
-the same ``m``; ``0 < m < #candidates`` over the group.
+Every function here solves one problem. Rank r holds a vector of keys (integer hardness
+keys, :func:`dist_ohem.selection.hardness_key`; or, for :func:`bracket_select`, the
+losses themselves) and a candidate mask (None = every entry is a candidate). Over the
+rank-major concatenation of all ranks' vectors, select the ``m`` candidates with the
+largest keys, equal keys going to the lower global index. Every rank gets a
+:class:`KSelection`: its own part of that mask, the selected count of every rank and
+the m-th largest key, identical to :func:`dist_ohem.selection.top_m_mask` on the
+concatenated batch. All ranks call with the same ``m``, ``1 <= m <= #candidates``.
 
-The functions differ in what they move: ``gather_select`` all-gathers the keys (bytes
-proportional to the keys), ``radix_select`` all-reduces histograms of key digits (bytes
-independent of the number of keys).
+The algorithms differ in what they move and read:
+
+- :func:`gather_select` all-gathers the keys: one collective, bytes proportional to the
+  largest rank's vector. :func:`select_gathered` is its second half, for keys that
+  already travelled (the selector sends them with its per-rank row).
+- :func:`radix_select` all-reduces histograms of key digits, most significant first,
+  then all-gathers per-rank tie counts: bytes independent of the vector length, one
+  histogram pass per 11 bits of key.
+- :func:`bracket_select` (Floyd-Rivest style) bounds the m-th key from a small sample of
+  every rank, counts what lies above and inside the bounds in one pass, and resolves
+  only the keys inside exactly (a histogram of them, then a gather of one bin). Bytes
+  independent of the vector length; it compares losses directly, so the full vector is
+  never converted to keys. A sample that misses falls back to :func:`radix_select`.
+
+On CPU the passes over the full vector use numpy when it is installed (the same IEEE
+comparisons, several times faster than torch's CPU kernels for bool outputs and index
+extraction); torch ops otherwise and on other devices.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from dist_ohem import comm
-from dist_ohem.selection import KEY_SENTINEL, top_m_mask
+from dist_ohem.selection import KEY_SENTINEL, hardness_key
 
-__all__ = ["RADIX_BITS", "gather_select", "radix_select"]
+try:
+    import numpy as _numpy
+except ImportError:  # optional: the torch path computes the same, slower on CPU
+    _numpy = None
+
+__all__ = [
+    "BRACKET_BINS",
+    "RADIX_BITS",
+    "SAMPLE_SIZE",
+    "KSelection",
+    "bracket_bounds",
+    "bracket_select",
+    "draw_sample",
+    "extreme_keys",
+    "gather_select",
+    "radix_select",
+    "select_gathered",
+]
 
 #: Bits of the key resolved per radix round: 2^11 bins, 3 rounds for 32-bit keys.
 RADIX_BITS = 11
+#: Keys each rank contributes to the bracket's sample.
+SAMPLE_SIZE = 4096
+#: Half-width of the bracket in standard deviations of the sample's rank estimate: the
+#: m-th key falls outside with probability ~1e-4 per call (then: full radix).
+BRACKET_SIGMAS = 4.0
+#: Bins of the histogram over the keys inside the bracket.
+BRACKET_BINS = 2048
+#: Keys of the final bin (all ranks) up to which they are gathered; above, radix.
+FINAL_BIN_GATHER_MAX = 1 << 14
+#: Key of +inf: its bit pattern read as an integer.
+_KEY_OF_INF = {torch.int32: 0x7F800000, torch.int64: 0x7FF0000000000000}
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int32, torch.int64)
+
+
+@dataclass
+class KSelection:
+    """The outcome of one distributed k-selection, identical on every rank but ``picked``.
+
+    Attributes:
+        picked: bool, one entry per local key; True = among the global top m.
+        per_rank: number picked on every rank (rank order), summing to m.
+        kth_key: key of the m-th largest candidate (the least hard picked one).
+    """
+
+    picked: torch.Tensor
+    per_rank: list[int]
+    kth_key: int
+
+
+def select_gathered(keys: torch.Tensor, m: int, rank: int, lengths: list[int]) -> KSelection:
+    """Top-m over keys that every rank already holds, without a host sync until the end.
+
+    Args:
+        keys: ``(W, capacity)`` integer keys, row r = rank r's keys in its local order,
+            non-candidates and the padding past ``lengths[r]`` set to ``KEY_SENTINEL``.
+        m: ``1 <= m <= #candidates``.
+        rank: this rank; ``lengths``: each rank's number of keys.
+    """
+    flat = keys.reshape(-1)
+    # The sentinel is below every key, so the m-th largest entry is the m-th candidate.
+    kth = flat.kthvalue(flat.numel() - m + 1).values
+    above = flat > kth
+    ties = flat == kth
+    still_needed = m - above.sum()
+    picked = (above | (ties & (ties.cumsum(0) <= still_needed))).view_as(keys)
+    counts = torch.cat([picked.sum(1), kth.view(1).to(torch.int64)]).tolist()
+    return KSelection(picked[rank, : lengths[rank]], counts[:-1], counts[-1])
 
 
 def gather_select(
     keys: torch.Tensor,
-    candidate: torch.Tensor,
-    num_to_select: int,
+    candidate: torch.Tensor | None,
+    m: int,
     rank: int,
-    numel_per_rank: list[int],
+    lengths: list[int],
     group: dist.ProcessGroup | None,
-) -> tuple[torch.Tensor, list[int], int]:
-    """All-gather every key (non-candidates as a sentinel), select the same top-m everywhere."""
-    sentinel = KEY_SENTINEL[keys.dtype]
-    sent = torch.where(candidate, keys, torch.full_like(keys, sentinel))
-    parts = comm.all_gather_uneven(sent, group, lengths=numel_per_rank)
-    all_keys = torch.cat(parts)
-    picked_all = top_m_mask(all_keys, all_keys != sentinel, num_to_select)
-    per_rank_masks = picked_all.split(numel_per_rank)
-    kth_key = int(all_keys[picked_all].min())
-    return per_rank_masks[rank].clone(), [_count(part) for part in per_rank_masks], kth_key
+) -> KSelection:
+    """All-gather every rank's keys (non-candidates as the sentinel), then select_gathered.
+
+    ``lengths``: every rank's number of keys (identical on all ranks). Bytes sent per
+    rank: ``max(lengths)`` keys.
+    """
+    return select_gathered(
+        comm.all_gather_equal(pad_keys(keys, candidate, max(lengths)), group), m, rank, lengths
+    )
+
+
+def pad_keys(keys: torch.Tensor, candidate: torch.Tensor | None, capacity: int) -> torch.Tensor:
+    """``(capacity,)`` keys: non-candidates and the entries past ``len(keys)`` = sentinel."""
+    padded = keys.new_full((capacity,), KEY_SENTINEL[keys.dtype])
+    if candidate is None:
+        padded[: keys.numel()] = keys
+    else:
+        padded[: keys.numel()] = keys.where(candidate, KEY_SENTINEL[keys.dtype])
+    return padded
 
 
 def radix_select(
     keys: torch.Tensor,
-    candidate: torch.Tensor,
-    num_to_select: int,
+    candidate: torch.Tensor | None,
+    m: int,
     rank: int,
     group: dist.ProcessGroup | None,
-) -> tuple[torch.Tensor, list[int], int]:
+    key_range: tuple[int, int] | None = None,
+) -> KSelection:
     """Exact distributed k-selection without moving the keys.
 
-    Each round all-reduces a 2^RADIX_BITS histogram of one digit of the key read as
-    unsigned (``u = key + 2^(bits-1)``, same order), most significant digit first, among
-    the still-undecided candidates and fixes that digit of the m-th largest key. After
-    ``ceil(bits / RADIX_BITS)`` rounds the m-th key is known exactly; one all-gather of
-    per-rank tie counts hands the remaining slots to the ties in global index order.
-    Requires 0 < num_to_select < #candidates.
+    Each round all-reduces a 2^RADIX_BITS histogram of one digit of ``u``, the key as an
+    unsigned offset (``u = key + 2^(bits-1)`` for the full signed range, ``key - low`` for
+    ``key_range=(low, high)`` that holds every candidate key; ignored when wider than
+    2^62), most significant digit
+    first, among the still-undecided candidates, and fixes that digit of the m-th largest
+    key. After ``ceil(bits / RADIX_BITS)`` rounds (none when ``low == high``) the m-th key
+    is known exactly; one all-gather of per-rank tie counts hands the remaining slots to
+    the ties in global index order.
 
-    Cost on n local keys: the first round reads every key in its own integer dtype
-    (non-candidates go to an extra bin that is not sent); later rounds only touch the
-    keys in the chosen bins. Bytes sent: the histograms, independent of n.
+    Cost on n local keys: the first round reads every key (non-candidates go to an extra
+    bin that is not sent); later rounds only touch the keys in the chosen bins. Bytes
+    sent: the histograms and the tie counts, independent of n.
     """
-    key_bits = torch.iinfo(keys.dtype).bits
+    if key_range is not None and key_range[1] - key_range[0] >= 1 << 62:
+        key_range = None  # offsets from its low end would overflow int64
+    if key_range is None:
+        key_bits = torch.iinfo(keys.dtype).bits
+        values, bias = keys, 1 << (key_bits - 1)
+    else:
+        low, high = key_range
+        key_bits = (high - low).bit_length()
+        values, bias = keys.to(torch.int64) - low, 0
     undecided: torch.Tensor | None = None  # None: every key, before the first round
-    undecided_keys = keys
-    still_needed = num_to_select
+    undecided_values = values
+    still_needed = m
     kth_unsigned = 0
-    high = key_bits
-    while high > 0:
-        low = max(0, high - RADIX_BITS)
-        width = high - low
+    high_bit = key_bits
+    while high_bit > 0:
+        low_bit = max(0, high_bit - RADIX_BITS)
+        width = high_bit - low_bit
         if undecided is None:
-            # Arithmetic shift: the top digit of the signed key is in [-2^(w-1), 2^(w-1)),
-            # and adding 2^(w-1) makes it the top digit of u.
-            digit = (keys >> low) + (1 << (width - 1))
-            digit = torch.where(candidate, digit, 1 << width)
+            # Arithmetic shift: the top digit of a signed key is in [-2^(w-1), 2^(w-1)),
+            # and adding 2^(w-1) (bias >> low_bit) makes it the top digit of u.
+            digit = (values >> low_bit) + (bias >> low_bit)
+            if candidate is not None:
+                digit = torch.where(candidate, digit, 1 << width)
         else:  # below the top digit, u and the key have the same bits
-            digit = (undecided_keys >> low) & ((1 << width) - 1)
+            digit = (undecided_values >> low_bit) & ((1 << width) - 1)
         histogram = torch.bincount(digit, minlength=(1 << width) + 1)[: 1 << width]
         histogram = comm.all_reduce_sum(histogram.to(torch.int64), group)
         at_least = histogram.flip(0).cumsum(0).flip(0)  # at_least[d] = #(digit >= d)
         chosen = int((at_least >= still_needed).nonzero().max())
         still_needed -= int(at_least[chosen] - histogram[chosen])
-        kth_unsigned |= chosen << low
+        kth_unsigned |= chosen << low_bit
         same = digit == chosen
         if undecided is None:
             undecided = same.nonzero().squeeze(1)
-            undecided_keys = keys[undecided]
+            undecided_values = values[undecided]
         else:
-            undecided, undecided_keys = undecided[same], undecided_keys[same]
-        high = low
+            undecided, undecided_values = undecided[same], undecided_values[same]
+        high_bit = low_bit
+    if undecided is None:  # zero-width range: every candidate ties
+        undecided = _positions(candidate, keys.numel(), keys.device)
 
-    kth_key = kth_unsigned - (1 << (key_bits - 1))
-    picked = candidate & (keys > kth_key)
-    counts = torch.tensor([_count(picked), undecided.numel()], device=keys.device)
-    rows = comm.exchange_rank_rows(counts, None, group)
-    ties_before = rows[:, 1].cumsum(0) - rows[:, 1]
-    ties_taken = (still_needed - ties_before).clamp(min=0).minimum(rows[:, 1])
-    picked[undecided[: int(ties_taken[rank])]] = True
-    return picked, (rows[:, 0] + ties_taken).tolist(), kth_key
+    kth_key = kth_unsigned - bias if key_range is None else kth_unsigned + key_range[0]
+    picked = keys > kth_key
+    if candidate is not None:
+        picked &= candidate
+    return _hand_out_ties(picked, undecided, still_needed, rank, kth_key, group)
 
 
-def _count(mask: torch.Tensor) -> int:
-    """Number of True entries of a bool tensor, as a Python int."""
-    return int(torch.count_nonzero(mask))
+def _hand_out_ties(
+    picked: torch.Tensor,
+    ties: torch.Tensor,
+    still_needed: int,
+    rank: int,
+    kth_key: int,
+    group: dist.ProcessGroup | None,
+) -> KSelection:
+    """Add the first ``still_needed`` ties (global index order) to ``picked``: one all-gather."""
+    counts = torch.stack([picked.sum(), picked.new_full((), ties.numel(), dtype=torch.int64)])
+    rows, _ = comm.exchange_rank_rows(counts, None, group)
+    taken, ties_before = [], 0
+    for _, num_ties in rows:
+        taken.append(max(0, min(num_ties, still_needed - ties_before)))
+        ties_before += num_ties
+    picked[ties[: taken[rank]]] = True
+    return KSelection(picked, [row[0] + t for row, t in zip(rows, taken, strict=True)], kth_key)
+
+
+def _positions(mask: torch.Tensor | None, numel: int, device: torch.device) -> torch.Tensor:
+    """Indices of the True entries of ``mask`` (all indices for None)."""
+    if mask is None:
+        return torch.arange(numel, device=device)
+    return mask.nonzero().squeeze(1)
+
+
+# -- bracket ----------------------------------------------------------------------------
+
+
+def keys_of(values: torch.Tensor) -> torch.Tensor:
+    """Hardness keys of losses; integer values (random keys) are their own keys."""
+    return hardness_key(values) if values.is_floating_point() else values
+
+
+def key_dtype_of(values: torch.Tensor) -> torch.dtype:
+    """Dtype of :func:`keys_of` for ``values``."""
+    if values.is_floating_point():
+        return torch.int64 if values.dtype == torch.float64 else torch.int32
+    return values.dtype
+
+
+def draw_sample(
+    values: torch.Tensor, candidate: torch.Tensor | None, size: int | None = None
+) -> torch.Tensor:
+    """``(size,)`` keys (default SAMPLE_SIZE) of a fixed quasi-random sample of the entries.
+
+    Positions ``floor(frac(i * golden ratio) * n)`` for ``n > size`` (spread evenly, no
+    period to alias with image rows), every entry otherwise. Non-candidates and unused
+    slots hold ``KEY_SENTINEL``. A function of ``n`` and ``size`` only.
+    """
+    size = SAMPLE_SIZE if size is None else size
+    numel = values.numel()
+    if numel > size:
+        positions = torch.arange(size, dtype=torch.float64, device=values.device)
+        positions = ((positions * 0.6180339887498949 + 0.5) % 1.0 * numel).long()
+        sampled = keys_of(values[positions])
+        sampled_candidate = None if candidate is None else candidate[positions]
+        return pad_keys(sampled, sampled_candidate, size)
+    return pad_keys(keys_of(values), candidate, size)
+
+
+def bracket_bounds(
+    samples: torch.Tensor,
+    lengths: list[int],
+    m: int,
+    num_candidates: int,
+    extremes: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``(low, high)`` with ``#(key > high) < m <= #(key >= low)`` with high probability.
+
+    Args:
+        samples: ``(W, s)`` sampled keys from :func:`draw_sample` of every rank.
+        lengths: every rank's number of entries (the sample of rank r stands for
+            ``lengths[r] / min(lengths[r], s)`` entries each).
+        m: rank of the wanted key; ``num_candidates``: candidates over all ranks.
+        extremes: the smallest and largest key a candidate can have
+            (:func:`extreme_keys`), used where the sample has no bound.
+
+    Returns:
+        0-dim int64 tensors on the samples' device (no host sync). Sorting the weighted
+        sample descending, ``high`` is the last sampled key whose estimated count of keys
+        at or above it is at most ``m - margin``, ``low`` the first with at least
+        ``m + margin``; ``margin`` = BRACKET_SIGMAS standard deviations of that estimate
+        plus two sample weights. A missing end becomes the extreme key.
+    """
+    size = samples.shape[1]
+    weights = [n / min(n, size) if n else 0.0 for n in lengths]
+    fraction = m / num_candidates
+    variance = fraction * (1 - fraction) * sum(n * n / size for n in lengths if n > size)
+    margin = BRACKET_SIGMAS * math.sqrt(variance) + 2 * max(weights)
+    sentinel = KEY_SENTINEL[samples.dtype]
+    # Filled on the device, not copied from a host list: no host-device synchronization.
+    per_key = torch.cat([samples.new_full((size,), w, dtype=torch.float64) for w in weights]).where(
+        samples.reshape(-1) != sentinel, 0.0
+    )
+    ordered, order = samples.reshape(-1).sort(descending=True)
+    at_or_above = per_key[order].cumsum(0)
+    high_index = torch.searchsorted(at_or_above, m - margin, right=True) - 1
+    low_index = torch.searchsorted(at_or_above, m + margin)
+    lowest, highest = extremes
+    last = ordered.numel() - 1
+    high = torch.where(high_index >= 0, ordered[high_index.clamp(0, last)], highest)
+    low_key = ordered[low_index.clamp(0, last)]
+    low = torch.where((low_index <= last) & (low_key != sentinel), low_key, lowest)
+    return low.to(torch.int64), high.to(torch.int64)
+
+
+def extreme_keys(values: torch.Tensor) -> tuple[int, int]:
+    """Smallest and largest key a candidate of ``values`` can have (no host sync).
+
+    Losses: the keys of -inf and +inf (``key(-x) = -key(x) - 1``). Integer keys: all
+    but the sentinel.
+    """
+    if values.is_floating_point():
+        highest = _KEY_OF_INF[key_dtype_of(values)]
+        return -highest - 1, highest
+    return KEY_SENTINEL[values.dtype] + 1, torch.iinfo(values.dtype).max
+
+
+def bracket_select(
+    values: torch.Tensor,
+    candidate: torch.Tensor | None,
+    m: int,
+    rank: int,
+    lengths: list[int],
+    num_candidates: int,
+    group: dist.ProcessGroup | None,
+    samples: torch.Tensor | None = None,
+) -> KSelection:
+    """Top-m by a sampled bracket: bytes independent of n, one full pass over the losses.
+
+    Args:
+        values: this rank's losses (float, compared directly: ``loss >= bound`` is
+            ``key >= key(bound)``, and NaN is never inside) or integer keys.
+        candidate: bool mask or None (every non-NaN entry).
+        m, rank, lengths: as for the other algorithms; ``num_candidates`` over all ranks.
+        samples: the ``(W, SAMPLE_SIZE)`` :func:`draw_sample` of every rank if it already
+            travelled (with the selector's row); gathered here otherwise.
+
+    Steps: bounds from the sample (:func:`bracket_bounds`); one pass marks every entry
+    ``>= low`` and extracts those ``<= high`` (the bracket); one all-gather of each rank's
+    count above ``high`` and histogram (BRACKET_BINS bins) of the bracket's keys; the
+    bin holding the m-th key is resolved by gathering its keys (or radix when more than
+    FINAL_BIN_GATHER_MAX); entries of the bracket that lose are cleared from the mark.
+    """
+    if samples is None:
+        samples = comm.all_gather_equal(draw_sample(values, candidate), group)
+    low, high = bracket_bounds(samples, lengths, m, num_candidates, extreme_keys(values))
+    at_least_low, inside = _mark_bracket(values, candidate, low, high)
+    inside_keys = keys_of(values[inside])
+    bins = _bin_of(inside_keys, low, high)
+    above_high = at_least_low.sum() - inside.numel()
+    histogram = torch.zeros(BRACKET_BINS + 1, dtype=torch.int64, device=values.device)
+    histogram[0] = above_high
+    histogram.index_add_(0, bins + 1, torch.ones_like(bins))
+    rows, _ = comm.exchange_rank_rows(histogram, None, group)
+
+    above_per_rank = [row[0] for row in rows]
+    bin_totals = [sum(column) for column in zip(*(row[1:] for row in rows), strict=True)]
+    still_needed = m - sum(above_per_rank)
+    if still_needed <= 0 or still_needed > sum(bin_totals):  # the sample missed
+        return radix_select(keys_of(values), candidate, m, rank, group)
+    final_bin = BRACKET_BINS - 1
+    while still_needed > bin_totals[final_bin]:
+        still_needed -= bin_totals[final_bin]
+        final_bin -= 1
+    for r, row in enumerate(rows):
+        above_per_rank[r] += sum(row[2 + final_bin :])
+    final_lengths = [row[1 + final_bin] for row in rows]
+
+    # Its size is known from the histograms: no host sync to find the final bin's entries.
+    in_final = (bins == final_bin).nonzero_static(size=final_lengths[rank]).squeeze(1)
+    final_keys = inside_keys[in_final]
+    if sum(final_lengths) <= FINAL_BIN_GATHER_MAX:
+        final = gather_select(final_keys, None, still_needed, rank, final_lengths, group)
+    else:  # a heavy bin: equal keys, or a bracket far wider than its sample predicts
+        key_range = (int(low), int(high))
+        final = radix_select(final_keys, None, still_needed, rank, group, key_range)
+    won = bins > final_bin
+    won[in_final] = final.picked
+    at_least_low[inside] = won
+    per_rank = [a + b for a, b in zip(above_per_rank, final.per_rank, strict=True)]
+    return KSelection(at_least_low, per_rank, final.kth_key)
+
+
+def _bin_of(keys: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Bin of each key in ``[low, high]``: monotone in the key, in ``[0, BRACKET_BINS)``.
+
+    Computed in float64 (int64 keys can span more than int64 differences hold); any
+    monotone map identical on every rank keeps the selection exact.
+    """
+    span = (high.double() - low.double() + 1.0) / BRACKET_BINS
+    bins = ((keys.double() - low.double()) / span).floor().long()
+    return bins.clamp_(0, BRACKET_BINS - 1)
+
+
+def _mark_bracket(
+    values: torch.Tensor, candidate: torch.Tensor | None, low: torch.Tensor, high: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask of candidates >= low, indices of candidates in [low, high])`` in one pass.
+
+    ``low`` and ``high`` are keys; for losses they are compared as the loss values they
+    encode (exactly representable: they are sampled losses or +-inf).
+    """
+    low_value, high_value = (_key_to_value(key, values.dtype) for key in (low, high))
+    if _numpy is not None and values.device.type == "cpu" and values.dtype in _NUMPY_DTYPES:
+        array = values.numpy()
+        bounds = _numpy.array([low_value.item(), high_value.item()], dtype=array.dtype)
+        at_least_low = _numpy.greater_equal(array, bounds[0])
+        if candidate is not None:
+            at_least_low &= candidate.numpy()
+        inside = _numpy.flatnonzero(at_least_low & (array <= bounds[1]))
+        return torch.from_numpy(at_least_low), torch.from_numpy(inside)
+    at_least_low = values >= low_value
+    if candidate is not None:
+        at_least_low &= candidate
+    return at_least_low, (at_least_low & (values <= high_value)).nonzero().squeeze(1)
+
+
+def _key_to_value(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0-dim tensor of ``dtype`` whose key is ``key`` (inverse of keys_of, on device)."""
+    if not dtype.is_floating_point:
+        return key.to(dtype)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    int_dtype = torch.int64 if wide == torch.float64 else torch.int32
+    bits = key.to(int_dtype)
+    bits = torch.where(bits >= 0, bits, bits ^ torch.iinfo(int_dtype).max)
+    return bits.view(wide).to(dtype)

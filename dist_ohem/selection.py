@@ -14,6 +14,7 @@ be masked out by the caller). Higher key first, equal keys go to the lower index
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -91,11 +92,11 @@ def hardness_key(losses: torch.Tensor) -> torch.Tensor:
 
 
 def key_to_loss(key: int, loss_dtype: torch.dtype) -> float:
-    """Inverse of :func:`hardness_key` for one key (returns a Python float)."""
+    """Inverse of :func:`hardness_key` for one key (returns a Python float, no tensor)."""
     int_dtype = key_dtype_for(loss_dtype)
     bits = key if key >= 0 else key ^ _INT_MAX[int_dtype]
-    float_dtype = torch.float64 if int_dtype == torch.int64 else torch.float32
-    return torch.tensor([bits], dtype=int_dtype).view(float_dtype).item()
+    int_code, float_code = ("q", "d") if int_dtype == torch.int64 else ("i", "f")
+    return struct.unpack(float_code, struct.pack(int_code, bits))[0]
 
 
 def random_keys(global_index: torch.Tensor, seed: int, stream: int) -> torch.Tensor:

@@ -2,19 +2,25 @@
 
 One call does, on every rank:
 
-1. local checks (shapes, NaN, ...) and local counts, *never* raising before step 2;
-2. one small all-gather of a per-rank row (sizes, counts, config fingerprint, error
-   flag): any rank's error is raised identically on all ranks (DESIGN.md §7);
+1. local checks (shapes, types) and local counts, kept on the device: nothing raises and
+   nothing is read back to the host before step 2;
+2. one all-gather of a per-rank row (sizes, counts, config fingerprint, error and NaN
+   flags): any rank's error is raised identically on all ranks (DESIGN.md §7). The row
+   also carries what the k-selection will need when the previous call predicts it
+   (the keys for ``gather``, a sample for ``bracket``; buffer sizes from the previous
+   call's rows, so all ranks agree on them): then a small batch needs this one
+   collective only;
 3. the number to select, computed from global counts, identical everywhere;
-4. the k-selection itself, by an algorithm of :mod:`dist_ohem.kselect`: ``"gather"``
-   (all-gather the keys) or ``"radix"`` (all-reduce histograms of the keys, then one tiny
-   all-gather of tie counts). Both end in the same mask as :func:`dist_ohem.selection.select_mask` on the concatenated batch.
-   Skipped when the global counts of step 2 already decide the mask: nothing to select,
-   every candidate, or (``loss_thresh``) at least ``min_kept`` losses above the threshold.
+4. the k-selection itself, by an algorithm of :mod:`dist_ohem.kselect` (gather, radix
+   or bracket). All end in the same mask as :func:`dist_ohem.selection.select_mask` on
+   the concatenated batch. Skipped when the global counts of step 2 already decide the
+   mask: nothing to select, every candidate, or (``loss_thresh``) at least ``min_kept``
+   losses above the threshold.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -24,25 +30,17 @@ import torch
 import torch.distributed as dist
 
 from dist_ohem import comm, kselect
-from dist_ohem.selection import (
-    SelectionRule,
-    hardness_key,
-    key_dtype_for,
-    key_to_loss,
-    random_keys,
-    top_m_mask,
-)
+from dist_ohem.selection import SelectionRule, key_to_loss, random_keys, top_m_mask
 
 __all__ = ["HardExampleSelector", "SelectionResult"]
 
 SCOPES = ("global", "local", "random", "all")
-STRATEGIES = ("gather", "radix", "auto")
+STRATEGIES = ("gather", "radix", "bracket", "auto")
 NAN_POLICIES = ("raise", "ignore")
-#: ``strategy="auto"`` uses radix once the largest rank holds more than this many
-#: instances (valid or not). From ``bench/selection.py`` (gloo, 2 CPU cores): radix
-#: overtakes gather between 1e4 and 1e5 instances per rank for W = 1, 2 and 4 (radix
-#: pays 3 more collective latencies, gather moves and sorts W x n keys), so 2^16.
-AUTO_RADIX_MIN_KEYS = 1 << 16
+#: ``strategy="auto"`` uses bracket once the largest rank holds more than this many
+#: instances (valid or not), gather below. From ``bench/selection.py``: see the README's
+#: Benchmarks section for the measured crossover.
+AUTO_BRACKET_MIN_KEYS = 1 << 15
 
 # Columns of the per-rank row exchanged on every call.
 (
@@ -52,12 +50,12 @@ AUTO_RADIX_MIN_KEYS = 1 << 16
     _FORCED,
     _CANDIDATES,
     _ABOVE,
-    _MIN_KEY,
     _MIN_ABOVE_KEY,
     _CONFIG,
     _KEY_BITS,
     _CALLS,
-) = range(11)
+) = range(10)
+_HEADER = 10
 _NO_KEY = 2**63 - 1  # the min of no keys
 
 
@@ -75,8 +73,9 @@ class SelectionResult:
             order; for ``neg_pos_ratio`` the least hard selected negative). For
             ``scope="local"`` this rank's own; NaN when nothing was chosen by hardness
             (no candidate selected, or scope ``"random"`` / ``"all"``).
-        strategy: how the selection was reached: ``"gather"``, ``"radix"`` or
-            ``"none"`` (no exchange of losses: scope ``"local"`` / ``"all"``).
+        strategy: how the selection was reached: ``"gather"``, ``"radix"``,
+            ``"bracket"`` or ``"none"`` (no exchange of losses: scope ``"local"`` /
+            ``"all"``).
         scope: the selector's scope.
         num_nan_global: NaN losses over all ranks (invalid under ``nan="ignore"``).
         num_instances_global: all instances over all ranks, valid or not.
@@ -96,15 +95,48 @@ class SelectionResult:
 
 @dataclass
 class _LocalBatch:
-    """This rank's flattened inputs and their counts, before any communication."""
+    """This rank's flattened inputs and their counts, before any communication.
+
+    Masks are None when trivially so (``candidate``: every instance; ``forced``,
+    ``above``: none) and counts are 0-dim tensors when the device holds them.
+    """
 
     losses: torch.Tensor
-    forced: torch.Tensor
-    candidate: torch.Tensor
-    keys: torch.Tensor
-    above: torch.Tensor
-    num_valid: int = 0
-    num_nan: int = 0
+    candidate: torch.Tensor | None = None
+    forced: torch.Tensor | None = None
+    above: torch.Tensor | None = None
+    num_valid: int | torch.Tensor = 0
+    num_nan: int | torch.Tensor = 0
+    num_forced: int | torch.Tensor = 0
+    num_candidates: int | torch.Tensor = 0
+    num_above: int | torch.Tensor = 0
+    min_above_key: int | torch.Tensor = _NO_KEY
+    valid: torch.Tensor | None = None
+
+    @functools.cached_property
+    def keys(self) -> torch.Tensor:
+        """Hardness keys of the losses, computed once when an algorithm needs them."""
+        return kselect.keys_of(self.losses)
+
+    def candidate_mask(self) -> torch.Tensor:
+        """``candidate`` as a tensor."""
+        if self.candidate is None:
+            return torch.ones_like(self.losses, dtype=torch.bool)
+        return self.candidate
+
+
+@dataclass(frozen=True)
+class _Payload:
+    """Keys that travel with the row: ``capacity`` keys of ``key_dtype`` per rank."""
+
+    kind: str  # "keys" (every key, for gather) or "sample" (for bracket)
+    capacity: int
+    key_dtype: torch.dtype
+
+    @property
+    def words(self) -> int:
+        """Length in int64 words (capacity is even, so int32 keys fill whole words)."""
+        return self.capacity * torch.iinfo(self.key_dtype).bits // 64
 
 
 class HardExampleSelector:
@@ -118,7 +150,8 @@ class HardExampleSelector:
         neg_pos_ratio: SSD-style rule: every valid positive plus the hardest
             ``floor(neg_pos_ratio * P)`` negatives (``min_kept`` negatives when P = 0).
         scope: ``"global"`` (default), ``"local"``, ``"random"`` or ``"all"`` (DESIGN §3).
-        strategy: ``"gather"``, ``"radix"`` or ``"auto"`` (DESIGN §5); identical masks.
+        strategy: ``"gather"``, ``"radix"``, ``"bracket"`` or ``"auto"`` (DESIGN §5, and
+            :mod:`dist_ohem.kselect`); identical masks.
         group: process group (None = default group; no group = single process).
         nan: ``"raise"`` (every rank raises) or ``"ignore"`` (NaN instances are invalid).
         seed: seed of ``scope="random"``; draws depend on (seed, call number, global index).
@@ -163,6 +196,9 @@ class HardExampleSelector:
         self.nan = nan
         self.seed = int(seed)
         self.num_calls = 0
+        # What the next call sends with its row, predicted from this call's rows (the
+        # same on every rank): its keys (gather) or its sample (bracket).
+        self._payload: _Payload | None = None
         # Per call only the caller's settings are added (see _row).
         self._config_repr = repr((self.rule, scope, strategy, nan, self.seed))
 
@@ -231,41 +267,54 @@ class HardExampleSelector:
                 error = str(exc)
         if batch is None:
             batch = _empty_batch(losses)
-        rows = comm.exchange_rank_rows(self._row(batch, caller_config), error, self.group)
+        payload = self._payload
+        sent = self._row(batch, caller_config)
+        if payload is not None:
+            sent = torch.cat([sent, self._payload_words(batch, payload)])
+        rows, gathered = comm.exchange_rank_rows(sent, error, self.group, listed=_HEADER)
         self._check_ranks_agree(rows)
-
+        self._check_nan(rows, batch)
         rank = comm.get_rank(self.group)
+        strategy = self._resolve_strategy(rows)
+        self._payload = self._next_payload(strategy, rows)
+
         if self.scope == "all":
-            mask = batch.forced | batch.candidate
-            per_rank = (rows[:, _FORCED] + rows[:, _CANDIDATES]).tolist()
+            mask = _union(batch.forced, batch.candidate_mask())
+            per_rank = [row[_FORCED] + row[_CANDIDATES] for row in rows]
             threshold, strategy = math.nan, "none"
         elif self.scope == "local":
-            picked_per_rank = [min(int(row[_CANDIDATES]), self._num_to_select(row)) for row in rows]
-            picked = top_m_mask(batch.keys, batch.candidate, picked_per_rank[rank])
-            mask = batch.forced | picked
-            per_rank = _add(rows[:, _FORCED].tolist(), picked_per_rank)
-            kth_key = int(batch.keys[picked].min()) if picked.any() else None
+            picked_per_rank = [min(row[_CANDIDATES], self._num_to_select(row)) for row in rows]
+            picked = top_m_mask(batch.keys, batch.candidate_mask(), picked_per_rank[rank])
+            mask = _union(batch.forced, picked)
+            per_rank = _add([row[_FORCED] for row in rows], picked_per_rank)
+            kth_key = int(batch.keys[picked].min()) if picked_per_rank[rank] else None
             threshold = _key_to_threshold(kth_key, batch.losses.dtype)
             strategy = "none"
         else:
-            picked, picked_per_rank, kth_key, strategy = self._select_global(batch, rows, rank)
-            mask = batch.forced | picked
-            per_rank = _add(rows[:, _FORCED].tolist(), picked_per_rank)
+            usable = self._usable_payload(payload, rows)
+            arrived = {}
+            if usable is not None:
+                arrived[usable.kind] = gathered[:, _HEADER:].view(usable.key_dtype)
+            picked, picked_per_rank, kth_key = self._select_global(
+                batch, rows, rank, strategy, arrived
+            )
+            mask = _union(batch.forced, picked)
+            per_rank = _add([row[_FORCED] for row in rows], picked_per_rank)
             threshold = math.nan
             if self.scope == "global":
                 threshold = _key_to_threshold(kth_key, batch.losses.dtype)
 
         return SelectionResult(
             mask=mask.reshape(losses.shape),
-            num_valid_global=int(rows[:, _VALID].sum()),
-            num_selected_global=int(sum(per_rank)),
-            num_selected_local=int(per_rank[rank]),
-            selected_per_rank=tuple(int(n) for n in per_rank),
+            num_valid_global=sum(row[_VALID] for row in rows),
+            num_selected_global=sum(per_rank),
+            num_selected_local=per_rank[rank],
+            selected_per_rank=tuple(per_rank),
             threshold=threshold,
             strategy=strategy,
             scope=self.scope,
-            num_nan_global=int(rows[:, _NAN].sum()),
-            num_instances_global=int(rows[:, _NUMEL].sum()),
+            num_nan_global=sum(row[_NAN] for row in rows),
+            num_instances_global=sum(row[_NUMEL] for row in rows),
         )
 
     # -- local part -------------------------------------------------------------------
@@ -292,47 +341,71 @@ class HardExampleSelector:
                 "neg_pos_ratio needs `positive=`, a bool mask marking the positive instances"
             )
         flat = losses.detach().reshape(-1)
-        nan = torch.isnan(flat)
-        valid_flat = torch.ones_like(nan) if valid is None else valid.reshape(-1).to(torch.bool)
-        num_nan = _count(nan & valid_flat)
-        if num_nan and self.nan == "raise":
-            raise ValueError(
-                f"{num_nan} NaN loss(es) among {flat.numel()} instances; fix the loss or "
-                "pass nan='ignore' to treat NaN instances as invalid"
-            )
-        valid_flat = valid_flat & ~nan
-        positive_flat = None if positive is None else positive.reshape(-1).to(torch.bool)
-        if self.scope == "all":
-            forced, candidate = torch.zeros_like(valid_flat), valid_flat
+        batch = _LocalBatch(losses=flat, num_valid=flat.numel())
+        batch.valid = None if valid is None else valid.reshape(-1).to(torch.bool)
+        usable = batch.valid
+        if self.nan == "raise":
+            # A flag, not a count: NaN anywhere makes every rank raise after the exchange
+            # (which counts them then). amax propagates NaN, one cheap reduction.
+            if usable is None:
+                batch.num_nan = torch.isnan(flat.amax()) if flat.numel() else 0
+            else:
+                batch.num_nan = (torch.isnan(flat) & usable).any()
         else:
-            forced, candidate = self.rule.split(valid_flat, positive_flat)
-        return _LocalBatch(
-            losses=flat,
-            forced=forced,
-            candidate=candidate,
-            keys=hardness_key(flat),
-            above=self.rule.above_threshold(flat, candidate),
-            num_valid=_count(valid_flat),
-            num_nan=num_nan,
-        )
+            nan = torch.isnan(flat)
+            batch.num_nan = (nan if usable is None else nan & usable).sum()
+            usable = ~nan if usable is None else usable & ~nan
+        if usable is not None:
+            batch.num_valid = usable.sum()
+        if self.rule.needs_positive and self.scope != "all":
+            valid_mask = torch.ones_like(flat, dtype=torch.bool) if usable is None else usable
+            batch.forced, batch.candidate = self.rule.split(
+                valid_mask, positive.reshape(-1).to(torch.bool)
+            )
+            batch.num_forced, batch.num_candidates = batch.forced.sum(), batch.candidate.sum()
+        else:
+            batch.candidate, batch.num_candidates = usable, batch.num_valid
+        if self.rule.loss_thresh is not None and self.scope != "all":
+            batch.above = self.rule.above_threshold(flat, batch.candidate_mask())
+            batch.num_above = batch.above.sum()
+            if flat.numel():
+                batch.min_above_key = batch.keys.to(torch.int64).where(batch.above, _NO_KEY).min()
+        return batch
 
     def _row(self, batch: _LocalBatch, caller_config: object) -> torch.Tensor:
-        row = [0] * 11
-        row[_NUMEL] = batch.losses.numel()
-        row[_VALID] = batch.num_valid
-        row[_NAN] = batch.num_nan
-        row[_FORCED] = _count(batch.forced)
-        row[_CANDIDATES] = _count(batch.candidate)
-        row[_ABOVE] = _count(batch.above)
-        row[_MIN_KEY] = _min_key(batch.keys, batch.candidate, row[_CANDIDATES])
-        row[_MIN_ABOVE_KEY] = _min_key(batch.keys, batch.above, row[_ABOVE])
+        """This rank's header row, int64 on the losses' device (no host-device sync)."""
         fingerprint = f"{self._config_repr}|{caller_config!r}".encode()
-        row[_CONFIG] = int.from_bytes(hashlib.blake2b(fingerprint, digest_size=7).digest())
-        row[_KEY_BITS] = torch.iinfo(batch.keys.dtype).bits
-        row[_CALLS] = self.num_calls
-        return torch.tensor(row, dtype=torch.int64, device=batch.losses.device)
+        columns = {
+            _NUMEL: batch.losses.numel(),
+            _VALID: batch.num_valid,
+            _NAN: batch.num_nan,
+            _FORCED: batch.num_forced,
+            _CANDIDATES: batch.num_candidates,
+            _ABOVE: batch.num_above,
+            _MIN_ABOVE_KEY: batch.min_above_key,
+            _CONFIG: int.from_bytes(hashlib.blake2b(fingerprint, digest_size=7).digest()),
+            _KEY_BITS: torch.iinfo(kselect.key_dtype_of(batch.losses)).bits,
+            _CALLS: self.num_calls,
+        }
+        host = [0 if isinstance(v, torch.Tensor) else v for _, v in sorted(columns.items())]
+        row = comm.to_device(host, batch.losses.device)
+        for column, value in columns.items():
+            if isinstance(value, torch.Tensor):
+                row[column] = value
+        return row
 
-    def _check_ranks_agree(self, rows: torch.Tensor) -> None:
+    def _payload_words(self, batch: _LocalBatch, payload: _Payload) -> torch.Tensor:
+        """``payload.words`` int64 words: this rank's keys or sample, zeros when unusable."""
+        fits = kselect.key_dtype_of(batch.losses) == payload.key_dtype
+        if payload.kind == "keys" and fits and batch.losses.numel() <= payload.capacity:
+            keys = kselect.pad_keys(batch.keys, batch.candidate, payload.capacity)
+        elif payload.kind == "sample" and fits:
+            keys = kselect.draw_sample(batch.losses, batch.candidate, payload.capacity)
+        else:  # the rows tell every rank that this payload is unusable
+            return batch.losses.new_zeros(payload.words, dtype=torch.int64)
+        return keys.view(torch.int64)
+
+    def _check_ranks_agree(self, rows: list[list[int]]) -> None:
         """Raise (identically on every rank: all see the same rows) if the ranks disagree."""
         for column, what, fix in (
             (
@@ -344,60 +417,143 @@ class HardExampleSelector:
             (_KEY_BITS, "loss dtype (float64 vs. narrower)", "use one loss dtype on all ranks"),
             (_CALLS, "number of selector calls", "call the selector once per step on every rank"),
         ):
-            differing = (rows[:, column] != rows[0, column]).nonzero().squeeze(1).tolist()
+            differing = [r for r, row in enumerate(rows) if row[column] != rows[0][column]]
             if differing:
                 raise comm.DistributedInputError(
                     f"{what} differs between rank 0 and rank(s) {differing}; {fix}"
                 )
 
-    def _num_to_select(self, row: torch.Tensor) -> int:
+    def _check_nan(self, rows: list[list[int]], batch: _LocalBatch) -> None:
+        """Under ``nan="raise"``, every rank raises when any rank flagged a NaN loss."""
+        if self.nan != "raise" or not any(row[_NAN] for row in rows):
+            return
+        error = None
+        if rows[comm.get_rank(self.group)][_NAN]:
+            nan = torch.isnan(batch.losses)
+            num_nan = int((nan if batch.valid is None else nan & batch.valid).sum())
+            error = (
+                f"{num_nan} NaN loss(es) among {batch.losses.numel()} instances; fix the "
+                "loss or pass nan='ignore' to treat NaN instances as invalid"
+            )
+        comm.raise_together(error, self.group)
+
+    def _num_to_select(self, row: list[int]) -> int:
         """Candidates to select given the counts of one row (or of the summed rows)."""
         return self.rule.num_candidates_to_select(
-            int(row[_VALID]), int(row[_FORCED]), int(row[_CANDIDATES]), int(row[_ABOVE])
+            row[_VALID], row[_FORCED], row[_CANDIDATES], row[_ABOVE]
         )
+
+    # -- payload ------------------------------------------------------------------------
+
+    def _resolve_strategy(self, rows: list[list[int]]) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        largest = max(row[_NUMEL] for row in rows)
+        return "bracket" if largest > AUTO_BRACKET_MIN_KEYS else "gather"
+
+    def _next_payload(self, strategy: str, rows: list[list[int]]) -> _Payload | None:
+        """What the next call sends with its row, assuming it resembles this one."""
+        if self.scope != "global":  # random keys depend on offsets known after the row
+            return None
+        key_dtype = torch.int64 if rows[0][_KEY_BITS] == 64 else torch.int32
+        if strategy == "gather":
+            return _Payload("keys", _round_up_capacity(max(row[_NUMEL] for row in rows)), key_dtype)
+        if strategy == "bracket":
+            return _Payload("sample", kselect.SAMPLE_SIZE, key_dtype)
+        return None
+
+    def _usable_payload(self, payload: _Payload | None, rows: list[list[int]]) -> _Payload | None:
+        """``payload`` if every rank could fill it (identical on all ranks), else None."""
+        if payload is None or torch.iinfo(payload.key_dtype).bits != rows[0][_KEY_BITS]:
+            return None
+        if payload.kind == "keys" and max(row[_NUMEL] for row in rows) > payload.capacity:
+            return None
+        return payload
 
     # -- global part ------------------------------------------------------------------
 
     def _select_global(
-        self, batch: _LocalBatch, rows: torch.Tensor, rank: int
-    ) -> tuple[torch.Tensor, list[int], int | None, str]:
+        self,
+        batch: _LocalBatch,
+        rows: list[list[int]],
+        rank: int,
+        strategy: str,
+        arrived: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, list[int], int | None]:
         """Global top-m candidates.
+
+        Args:
+            arrived: what came with the rows, by payload kind: ``(W, capacity)`` keys
+                (``"keys"``) or samples (``"sample"``).
 
         Returns:
             (local mask of picked candidates, picked count of every rank, key of the
-            least hard picked candidate or None if none, strategy used).
+            least hard picked candidate or None if none).
         """
-        totals = rows.sum(0)
+        totals = [sum(column) for column in zip(*rows, strict=True)]
         num_to_select = self._num_to_select(totals)
-        numel_per_rank = rows[:, _NUMEL].tolist()
-        strategy = self.strategy
-        if strategy == "auto":
-            strategy = "radix" if max(numel_per_rank) > AUTO_RADIX_MIN_KEYS else "gather"
+        numel_per_rank = [row[_NUMEL] for row in rows]
         if num_to_select == 0:
-            return torch.zeros_like(batch.candidate), [0] * len(rows), None, strategy
-        if num_to_select >= int(totals[_CANDIDATES]):
-            min_key = int(rows[:, _MIN_KEY].min())
-            return batch.candidate.clone(), rows[:, _CANDIDATES].tolist(), min_key, strategy
-        if self.scope == "global" and num_to_select == int(totals[_ABOVE]):
+            return torch.zeros_like(batch.losses, dtype=torch.bool), [0] * len(rows), None
+        if num_to_select >= totals[_CANDIDATES]:
+            kth_key = self._global_min_key(batch) if self.scope == "global" else None
+            return batch.candidate_mask().clone(), [row[_CANDIDATES] for row in rows], kth_key
+        if self.scope == "global" and num_to_select == totals[_ABOVE]:
             # Threshold rule with at least min_kept losses above t: the top m are exactly
             # those (none of them ties with a loss <= t), so no k-selection is needed.
-            min_key = int(rows[:, _MIN_ABOVE_KEY].min())
-            return batch.above.clone(), rows[:, _ABOVE].tolist(), min_key, strategy
+            min_key = min(row[_MIN_ABOVE_KEY] for row in rows)
+            return batch.above.clone(), [row[_ABOVE] for row in rows], min_key
 
-        keys = batch.keys
         if self.scope == "random":
             offset = sum(numel_per_rank[:rank])
-            global_index = torch.arange(offset, offset + keys.numel(), device=keys.device)
-            keys = random_keys(global_index, self.seed, self.num_calls)
-        if strategy == "gather":
-            picked, per_rank, kth_key = kselect.gather_select(
-                keys, batch.candidate, num_to_select, rank, numel_per_rank, self.group
+            global_index = torch.arange(
+                offset, offset + batch.losses.numel(), device=batch.losses.device
+            )
+            keys = values = random_keys(global_index, self.seed, self.num_calls)
+        else:
+            keys, values = None, batch.losses
+        if strategy == "bracket":
+            selection = kselect.bracket_select(
+                values,
+                batch.candidate,
+                num_to_select,
+                rank,
+                numel_per_rank,
+                totals[_CANDIDATES],
+                self.group,
+                samples=arrived.get("sample"),
+            )
+        elif strategy == "gather" and "keys" in arrived:
+            selection = kselect.select_gathered(
+                arrived["keys"], num_to_select, rank, numel_per_rank
+            )
+        elif strategy == "gather":
+            selection = kselect.gather_select(
+                batch.keys if keys is None else keys,
+                batch.candidate,
+                num_to_select,
+                rank,
+                numel_per_rank,
+                self.group,
             )
         else:
-            picked, per_rank, kth_key = kselect.radix_select(
-                keys, batch.candidate, num_to_select, rank, self.group
+            selection = kselect.radix_select(
+                batch.keys if keys is None else keys,
+                batch.candidate,
+                num_to_select,
+                rank,
+                self.group,
             )
-        return picked, per_rank, kth_key, strategy
+        return selection.picked, selection.per_rank, selection.kth_key
+
+    def _global_min_key(self, batch: _LocalBatch) -> int:
+        """Smallest candidate key over all ranks: one all-gather, when everything is picked."""
+        if batch.losses.numel() == 0:
+            local = batch.losses.new_full((1,), _NO_KEY, dtype=torch.int64)
+        else:
+            local = batch.keys.to(torch.int64).where(batch.candidate_mask(), _NO_KEY).amin()
+        rows, _ = comm.exchange_rank_rows(local.view(1), None, self.group)
+        return min(row[0] for row in rows)
 
 
 def _key_to_threshold(kth_key: int | None, loss_dtype: torch.dtype) -> float:
@@ -413,20 +569,22 @@ def _empty_batch(losses: object) -> _LocalBatch:
     empty = torch.zeros(0, dtype=torch.bool, device=device)
     return _LocalBatch(
         losses=torch.zeros(0, dtype=loss_dtype, device=device),
-        forced=empty,
         candidate=empty,
-        keys=torch.zeros(0, dtype=key_dtype_for(loss_dtype), device=device),
+        forced=empty,
         above=empty,
     )
 
 
-def _min_key(keys: torch.Tensor, mask: torch.Tensor, count: int) -> int:
-    """Smallest key where ``mask`` (with ``count`` True entries) is True; ``_NO_KEY`` if none."""
-    if count == 0:
-        return _NO_KEY
-    if count == mask.numel():
-        return int(keys.min())
-    return int(torch.where(mask, keys, torch.iinfo(keys.dtype).max).min())
+def _round_up_capacity(numel: int) -> int:
+    """Smallest ``k * 2^j >= numel`` with ``8 <= k < 16`` (at most 1/8 slack), at least 16."""
+    if numel <= 16:
+        return 16
+    step = 1 << (numel.bit_length() - 4)
+    return -(-numel // step) * step
+
+
+def _union(forced: torch.Tensor | None, picked: torch.Tensor) -> torch.Tensor:
+    return picked if forced is None else forced | picked
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -436,8 +594,3 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _add(left: list[int], right: list[int]) -> list[int]:
     return [a + b for a, b in zip(left, right, strict=True)]
-
-
-def _count(mask: torch.Tensor) -> int:
-    """Number of True entries of a bool tensor, as a Python int."""
-    return int(torch.count_nonzero(mask))

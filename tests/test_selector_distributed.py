@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from dist_ohem import HardExampleSelector, SelectionRule, select_mask
 from dist_ohem.comm import get_rank
-from dist_ohem.selector import AUTO_RADIX_MIN_KEYS
+from dist_ohem.selector import AUTO_BRACKET_MIN_KEYS
 from tests.parity import Case, global_losses, rank_slice, reference_mask
 from tests.test_selection import rules
 
@@ -76,10 +76,12 @@ def select_on_rank(cases: list[Case]) -> list[tuple]:
     [
         ("global", "gather"),
         ("global", "radix"),
+        ("global", "bracket"),
         ("global", "auto"),
         ("local", "gather"),
         ("random", "gather"),
         ("random", "radix"),
+        ("random", "bracket"),
         ("all", "gather"),
     ],
 )
@@ -108,20 +110,20 @@ def test_distributed_mask_equals_single_process(ranks, world_size, scope, strate
 
 
 def strategies_agree_on_rank(seed: int, sizes: list[int], top_k: int) -> bool:
-    """Worker: gather and radix give bit-identical masks on large, tie-heavy float32 input."""
+    """Worker: every strategy gives the same mask on large, tie-heavy float32 input."""
     rank = get_rank()
     gen = torch.Generator().manual_seed(seed)
     losses = torch.randn(sum(sizes), generator=gen).abs().round(decimals=2)
     local = rank_slice(losses, sizes, rank)
     masks = [
         HardExampleSelector(top_k=top_k, strategy=strategy)(local).mask
-        for strategy in ("gather", "radix")
+        for strategy in ("gather", "radix", "bracket")
     ]
-    return torch.equal(masks[0], masks[1])
+    return all(torch.equal(masks[0], mask) for mask in masks[1:])
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_gather_and_radix_masks_are_bit_identical(ranks, world_size):
+def test_gather_radix_and_bracket_masks_are_bit_identical(ranks, world_size):
     sizes = [5000 + 997 * r for r in range(world_size)]
     for top_k in (1, 333, 4000, sum(sizes) - 1):
         assert all(ranks.run(world_size, strategies_agree_on_rank, 7, sizes, top_k))
@@ -144,11 +146,12 @@ def test_random_scope_is_same_draw_as_single_process_and_changes_per_call(ranks)
     assert not torch.equal(draws[0], draws[1])
 
 
-# -- radix vs gather: property test over every rule ---------------------------------
+# -- gather vs radix vs bracket: property test over every rule -----------------------
 
 #: Examples per world size: a twelfth of the profile's (25 under "ci", more under "heavy").
 STRATEGY_EXAMPLES = max(25, settings.default.max_examples // 12)
 SPECIAL = [0.0, -0.0, 1.0, 2.5, math.inf, -math.inf, 1e-30, -1e-30, 3.0e38]
+STRATEGY_NAMES = ("gather", "radix", "bracket")
 
 
 @st.composite
@@ -174,11 +177,11 @@ def distributed_batches(draw, world_size: int):
 
 
 def both_strategies_on_rank(sizes, losses, valid, positive, kwargs) -> list[tuple]:
-    """Worker: this rank's result fields under ``gather`` and under ``radix``."""
+    """Worker: this rank's result fields under each strategy (``STRATEGY_NAMES``)."""
     rank = get_rank()
     local = [rank_slice(t, sizes, rank) for t in (losses, valid, positive)]
     outputs = []
-    for strategy in ("gather", "radix"):
+    for strategy in STRATEGY_NAMES:
         result = HardExampleSelector(**kwargs, strategy=strategy)(*local)
         outputs.append(
             (
@@ -193,7 +196,7 @@ def both_strategies_on_rank(sizes, losses, valid, positive, kwargs) -> list[tupl
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_radix_and_gather_are_bit_identical_for_every_rule(ranks, world_size):
+def test_strategies_are_bit_identical_for_every_rule(ranks, world_size):
     @settings(max_examples=STRATEGY_EXAMPLES, deadline=None)
     @given(
         batch=distributed_batches(world_size),
@@ -206,16 +209,18 @@ def test_radix_and_gather_are_bit_identical_for_every_rule(ranks, world_size):
         kwargs = {kind: getattr(rule_obj, kind), "min_kept": min_kept, "scope": scope}
         args = (sizes, losses, valid, positive, kwargs)
         per_rank = ranks.run(world_size, both_strategies_on_rank, *args, timeout=30)
-        gather, radix = (torch.cat([per_rank[r][i][0] for r in range(world_size)]) for i in (0, 1))
-        assert torch.equal(gather, radix)
-        assert torch.equal(gather, reference_mask(kwargs, sizes, losses, valid, positive))
+        expected = reference_mask(kwargs, sizes, losses, valid, positive)
+        for i in range(len(STRATEGY_NAMES)):
+            mask = torch.cat([per_rank[r][i][0] for r in range(world_size)])
+            assert torch.equal(mask, expected), STRATEGY_NAMES[i]
         for outputs in per_rank:
-            (_, *gather_fields, gather_strategy), (_, *radix_fields, radix_strategy) = outputs
-            assert gather_strategy == "gather" and radix_strategy == "radix"
-            assert gather_fields[:2] == radix_fields[:2]
-            assert gather_fields[2] == radix_fields[2] or (
-                math.isnan(gather_fields[2]) and math.isnan(radix_fields[2])
-            )
+            (_, *gather_fields, _) = outputs[0]
+            for strategy, (_, *fields, used) in zip(STRATEGY_NAMES, outputs, strict=True):
+                assert used == strategy
+                assert fields[:2] == gather_fields[:2], strategy
+                assert fields[2] == gather_fields[2] or (
+                    math.isnan(fields[2]) and math.isnan(gather_fields[2])
+                ), strategy
 
     check()
 
@@ -260,6 +265,9 @@ def auto_strategy_on_rank(sizes: list[int]) -> str:
     return HardExampleSelector(top_k=3, strategy="auto")(torch.rand(sizes[rank])).strategy
 
 
-def test_auto_picks_radix_by_the_largest_rank(ranks):
-    for largest, expected in ((AUTO_RADIX_MIN_KEYS, "gather"), (AUTO_RADIX_MIN_KEYS + 1, "radix")):
+def test_auto_picks_bracket_by_the_largest_rank(ranks):
+    for largest, expected in (
+        (AUTO_BRACKET_MIN_KEYS, "gather"),
+        (AUTO_BRACKET_MIN_KEYS + 1, "bracket"),
+    ):
         assert ranks.run(2, auto_strategy_on_rank, [5, largest], timeout=30) == [expected] * 2

@@ -1,0 +1,351 @@
+"""dist_ohem.kselect: every algorithm and path against single-process references.
+
+The references are :func:`dist_ohem.selection.top_m_mask` / ``select_mask`` (the pure
+definitions, property-tested against brute force in test_selection.py) on the
+concatenated batch, or a sort written here. Small module constants (sample size, bins,
+gather limit) force the rare paths: brackets that miss, heavy final bins resolved by
+radix, zero-width key ranges.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
+
+from dist_ohem import HardExampleSelector, SelectionRule, kselect, select_mask
+from dist_ohem.comm import all_gather_equal, get_rank
+from dist_ohem.selection import KEY_SENTINEL, hardness_key, top_m_mask
+from tests.parity import rank_slice
+
+SPECIAL = [0.0, -0.0, 1.0, 2.5, math.inf, -math.inf, 1e-30, -1e-30, 3.0e38]
+GATHER_NAME = next(n for n in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, n))
+
+
+@contextmanager
+def small_constants(sample: int = 16, bins: int = 4, final_gather: int = 8) -> Iterator[None]:
+    """Shrink the bracket's constants so that small inputs reach every path."""
+    names = ("SAMPLE_SIZE", "BRACKET_BINS", "FINAL_BIN_GATHER_MAX")
+    saved = [getattr(kselect, name) for name in names]
+    for name, value in zip(names, (sample, bins, final_gather), strict=True):
+        setattr(kselect, name, value)
+    try:
+        yield
+    finally:
+        for name, value in zip(names, saved, strict=True):
+            setattr(kselect, name, value)
+
+
+@contextmanager
+def torch_ops_only() -> Iterator[None]:
+    """Run the bracket's full passes with torch ops (the path of CUDA and of no numpy)."""
+    with mock.patch.object(kselect, "_numpy", None):
+        yield
+
+
+def reference(values: torch.Tensor, candidate: torch.Tensor | None, m: int) -> tuple:
+    """(mask, kth key) by sorting: larger key first, ties to the lower index."""
+    keys = kselect.keys_of(values).tolist()
+    usable = [
+        i
+        for i in range(len(keys))
+        if (candidate is None or candidate[i]) and not math.isnan(float(values[i]))
+    ]
+    chosen = sorted(usable, key=lambda i: (-keys[i], i))[:m]
+    mask = torch.zeros(len(keys), dtype=torch.bool)
+    mask[chosen] = True
+    return mask, min(keys[i] for i in chosen)
+
+
+@st.composite
+def vectors(draw, min_size: int = 1, max_size: int = 400):
+    """Losses (float32/float64, tie-heavy or not, +-inf, +-0) and an optional candidate mask."""
+    n = draw(st.integers(min_size, max_size))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    kind = draw(st.sampled_from(["random", "tied", "equal"]))
+    if kind == "random":
+        pool = st.floats(allow_nan=False, width=32) | st.sampled_from(SPECIAL)
+    elif kind == "tied":
+        pool = st.sampled_from(SPECIAL)
+    else:
+        pool = st.just(draw(st.sampled_from(SPECIAL)))
+    values = torch.tensor(draw(st.lists(pool, min_size=n, max_size=n)), dtype=dtype)
+    candidate = None
+    if draw(st.booleans()):
+        candidate = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+        if not candidate.any():
+            candidate[0] = True
+    return values, candidate
+
+
+@settings(max_examples=150, deadline=None)
+@given(batch=vectors(), data=st.data(), numpy_path=st.booleans())
+def test_single_rank_algorithms_match_the_sort(batch, data, numpy_path):
+    values, candidate = batch
+    num_candidates = values.numel() if candidate is None else int(candidate.sum())
+    m = data.draw(st.integers(1, num_candidates))
+    expected_mask, expected_kth = reference(values, candidate, m)
+    keys = hardness_key(values)
+    n = values.numel()
+    numpy_or_not = mock.patch.object(kselect, "_numpy", kselect._numpy if numpy_path else None)
+    with small_constants(), numpy_or_not:
+        results = {
+            "gather": kselect.gather_select(keys, candidate, m, 0, [n], None),
+            "radix": kselect.radix_select(keys, candidate, m, 0, None),
+            "bracket": kselect.bracket_select(values, candidate, m, 0, [n], num_candidates, None),
+        }
+    for name, result in results.items():
+        assert torch.equal(result.picked, expected_mask), name
+        assert result.per_rank == [m], name
+        assert result.kth_key == expected_kth, name
+
+
+@settings(max_examples=100, deadline=None)
+@given(batch=vectors(min_size=2), data=st.data())
+def test_radix_on_a_key_range_holding_every_key(batch, data):
+    values, _ = batch
+    keys = hardness_key(values).to(torch.int64)
+    m = data.draw(st.integers(1, keys.numel()))
+    low, high = int(keys.min()), int(keys.max())
+    low -= data.draw(st.integers(0, 5))
+    result = kselect.radix_select(keys, None, m, 0, None, key_range=(low, high))
+    assert torch.equal(result.picked, top_m_mask(keys, torch.ones_like(keys, dtype=torch.bool), m))
+
+
+@settings(max_examples=100, deadline=None)
+@given(batch=vectors(), data=st.data())
+def test_bracket_bounds_are_sampled_keys_or_extremes_and_ordered(batch, data):
+    values, candidate = batch
+    num_candidates = values.numel() if candidate is None else int(candidate.sum())
+    m = data.draw(st.integers(1, num_candidates))
+    samples = kselect.draw_sample(values, candidate, 16).unsqueeze(0)
+    extremes = kselect.extreme_keys(values)
+    low, high = kselect.bracket_bounds(samples, [values.numel()], m, num_candidates, extremes)
+    allowed = set(samples.flatten().tolist()) - {KEY_SENTINEL[samples.dtype]}
+    assert int(low) in allowed | {extremes[0]}
+    assert int(high) in allowed | {extremes[1]}
+    assert int(low) <= int(high)
+
+
+def test_a_wrong_sample_misses_and_falls_back_to_radix():
+    values = torch.arange(1000.0)
+    for fake in (torch.full((256,), 10.0), torch.full((256,), 990.0)):  # bracket far off
+        samples = hardness_key(fake).unsqueeze(0)
+        with mock.patch.object(kselect, "radix_select", wraps=kselect.radix_select) as radix:
+            result = kselect.bracket_select(values, None, 100, 0, [1000], 1000, None, samples)
+        assert radix.call_count == 1
+        assert result.picked.nonzero().squeeze(1).tolist() == list(range(900, 1000))
+
+
+# -- distributed ------------------------------------------------------------------------
+
+
+def bracket_on_rank(sizes, values, candidate, m, samples_from, numpy_path) -> tuple:
+    """Worker: this rank's bracket selection; ``samples_from`` = other data to sample (a
+    deliberately wrong sample) or None."""
+    rank = get_rank()
+    local = rank_slice(values, sizes, rank)
+    local_candidate = None if candidate is None else rank_slice(candidate, sizes, rank)
+    num_candidates = values.numel() if candidate is None else int(candidate.sum())
+    patch = mock.patch.object(kselect, "_numpy", kselect._numpy if numpy_path else None)
+    with small_constants(), patch:
+        samples = None
+        if samples_from is not None:
+            wrong = kselect.draw_sample(rank_slice(samples_from, sizes, rank), None)
+            samples = all_gather_equal(wrong.to(kselect.key_dtype_of(local)), None)
+        result = kselect.bracket_select(
+            local, local_candidate, m, rank, sizes, num_candidates, None, samples
+        )
+    return result.picked, result.per_rank, result.kth_key
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_bracket_matches_the_sort_on_uneven_and_empty_ranks(ranks, world_size):
+    @settings(max_examples=12, deadline=None)
+    @given(
+        sizes=st.lists(st.integers(0, 120), min_size=world_size, max_size=world_size),
+        data=st.data(),
+        numpy_path=st.booleans(),
+        wrong_sample=st.booleans(),
+    )
+    def check(sizes, data, numpy_path, wrong_sample):
+        n = sum(sizes)
+        if n == 0:
+            sizes[0] = n = 5
+        values, candidate = data.draw(vectors(min_size=n, max_size=n))
+        num_candidates = n if candidate is None else int(candidate.sum())
+        m = data.draw(st.integers(1, num_candidates))
+        samples_from = torch.randn(n).abs() * 1e3 if wrong_sample else None
+        outputs = ranks.run(
+            world_size,
+            bracket_on_rank,
+            sizes,
+            values,
+            candidate,
+            m,
+            samples_from,
+            numpy_path,
+            timeout=30,
+        )
+        expected_mask, expected_kth = reference(values, candidate, m)
+        assert torch.equal(torch.cat([out[0] for out in outputs]), expected_mask)
+        expected_per_rank = [int(part.sum()) for part in expected_mask.split(sizes)]
+        for _, per_rank, kth in outputs:
+            assert per_rank == expected_per_rank
+            assert kth == expected_kth
+
+    check()
+
+
+def calls_on_rank(sizes_per_call, strategy, dtypes) -> list:
+    """Worker: one selector, several calls whose sizes and dtypes change: the payload
+    predicted from one call may not fit the next."""
+    rank = get_rank()
+    selector = HardExampleSelector(keep=0.3, strategy=strategy)
+    masks = []
+    with small_constants(sample=8):
+        for call, (sizes, dtype) in enumerate(zip(sizes_per_call, dtypes, strict=True)):
+            gen = torch.Generator().manual_seed(call)
+            losses = torch.randint(0, 20, (sum(sizes),), generator=gen).to(dtype)
+            masks.append(selector(rank_slice(losses, sizes, rank)).mask)
+    return masks
+
+
+@pytest.mark.parametrize("strategy", ["gather", "bracket", "auto"])
+def test_payload_survives_changing_sizes_and_dtypes(ranks, strategy):
+    sizes_per_call = [[5, 7], [5, 7], [40, 3], [0, 9], [60, 61], [3, 3], [64, 0]]
+    dtypes = [torch.float32] * 3 + [torch.float64] * 2 + [torch.float32] * 2
+    with mock.patch("dist_ohem.selector.AUTO_BRACKET_MIN_KEYS", 32):
+        outputs = ranks.run(2, calls_on_rank, sizes_per_call, strategy, dtypes, timeout=30)
+    for call, (sizes, dtype) in enumerate(zip(sizes_per_call, dtypes, strict=True)):
+        gen = torch.Generator().manual_seed(call)
+        losses = torch.randint(0, 20, (sum(sizes),), generator=gen).to(dtype)
+        expected = select_mask(losses, SelectionRule(keep=0.3))
+        assert torch.equal(torch.cat([outputs[0][call], outputs[1][call]]), expected), call
+
+
+class CollectiveMeter:
+    """Counts this rank's collectives and the bytes it hands to them."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.bytes = 0
+        self._patches = [
+            mock.patch.object(dist, name, side_effect=self._counter(getattr(dist, name), pos))
+            for name, pos in ((GATHER_NAME, 1), ("all_reduce", 0))
+        ]
+
+    def _counter(self, original, position):
+        def counted(*args, **kwargs):
+            self.calls += 1
+            self.bytes += args[position].numel() * args[position].element_size()
+            return original(*args, **kwargs)
+
+        return counted
+
+    def __enter__(self) -> CollectiveMeter:
+        for patch in self._patches:
+            patch.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for patch in self._patches:
+            patch.stop()
+
+
+def steady_state_on_rank(num_keys: int, strategy: str, calls: int) -> list[tuple[int, int]]:
+    """Worker: (collectives, bytes sent) of each of ``calls`` calls on fresh losses."""
+    selector = HardExampleSelector(keep=0.1, strategy=strategy)
+    counts = []
+    for call in range(calls):
+        losses = torch.rand(num_keys, generator=torch.Generator().manual_seed(call))
+        with CollectiveMeter() as meter:
+            selector(losses)
+        counts.append((meter.calls, meter.bytes))
+    return counts
+
+
+def test_gather_needs_one_collective_per_call_once_the_capacity_is_known(ranks):
+    per_rank = ranks.run(2, steady_state_on_rank, 256, "gather", 3, timeout=30)
+    for counts in per_rank:
+        assert [calls for calls, _ in counts] == [2, 1, 1]
+
+
+def test_bracket_bytes_do_not_grow_with_the_number_of_losses(ranks):
+    small, large = (
+        ranks.run(2, steady_state_on_rank, num_keys, "bracket", 2, timeout=60)[0][1]
+        for num_keys in (20_000, 400_000)
+    )
+    # Row + sample, histograms, final bin: three collectives in the steady state.
+    assert small[0] == large[0] == 3
+    # The final bin's gather varies a little with the data; the rest is fixed.
+    fixed = 8 * 11 + 4 * kselect.SAMPLE_SIZE + 8 * (kselect.BRACKET_BINS + 2)
+    for _, sent in (small, large):
+        assert fixed <= sent <= fixed + 4 * kselect.FINAL_BIN_GATHER_MAX
+    assert large[1] < 1.2 * small[1]
+
+
+class HostReads(TorchFunctionMode):
+    """Counts what would synchronize with a GPU: reads of tensor values into Python and
+    operations whose output size depends on the data (nonzero, boolean-mask indexing)."""
+
+    READS = frozenset({"__int__", "__float__", "__bool__", "__index__", "item", "tolist", "numpy"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        data_dependent = name in ("nonzero", "masked_select") or (
+            name in ("__getitem__", "__setitem__")
+            and isinstance(args[1], torch.Tensor)
+            and args[1].dtype == torch.bool
+        )
+        if name in self.READS or data_dependent:
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads_on_rank(num_keys: int, strategy: str) -> list[str]:
+    """Worker: the host reads of the second call (steady state), torch ops only."""
+    selector = HardExampleSelector(keep=0.1, strategy=strategy)
+    with torch_ops_only():
+        selector(torch.rand(num_keys))
+        with HostReads() as reads:
+            selector(torch.rand(num_keys))
+    return reads.names
+
+
+@pytest.mark.parametrize(
+    ("num_keys", "strategy", "expected"),
+    [
+        (256, "gather", ["tolist", "tolist"]),  # the rows; counts and k-th key
+        # + the bracket's entries (nonzero) and the histograms.
+        (50_000, "bracket", ["tolist", "nonzero", "tolist", "tolist"]),
+    ],
+)
+def test_host_reads_per_call(ranks, num_keys, strategy, expected):
+    for names in ranks.run(2, host_reads_on_rank, num_keys, strategy, timeout=30):
+        assert names == expected
+
+
+def nan_at_invalid_positions_on_rank() -> tuple:
+    losses = torch.tensor([1.0, math.nan, 3.0, 2.0])
+    valid = torch.tensor([True, False, True, True])
+    result = HardExampleSelector(top_k=2, strategy="bracket")(losses, valid)
+    return result.mask, result.num_valid_global
+
+
+def test_nan_where_invalid_does_not_raise(ranks):
+    for mask, num_valid in ranks.run(2, nan_at_invalid_positions_on_rank, timeout=30):
+        assert mask.tolist() == [False, False, True, False]
+        assert num_valid == 6
