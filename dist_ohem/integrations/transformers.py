@@ -102,6 +102,9 @@ class TrainerOHEMLoss:
         self.training_args = training_args
         self.shift_labels = shift_labels
         self.ignore_index = ignore_index
+        # The Trainer's own logging already shows the global mean (module docstring), so
+        # OHEMLoss's extra all-reduce for last_mean_loss is off unless asked for.
+        selector_kwargs = {"sync_mean_loss": False, **selector_kwargs}
         self.criterion = OHEMLoss(nn.CrossEntropyLoss(ignore_index=ignore_index), **selector_kwargs)
 
     @property

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.framework_scripts.parity_cases import WORLD_SIZE
+from tests.framework_scripts.parity_cases import WORLD_SIZE, Run
 from tests.launching import launch, launcher_command
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -46,3 +46,21 @@ def check_parity(result: dict, name: str) -> None:
     assert result["max_abs_diff"] <= TOLERANCE, (
         f"{name}: max |param - reference| {result['max_abs_diff']:.3e} > {TOLERANCE}"
     )
+
+
+def check_run(results: dict, run: Run, wrapper: str) -> None:
+    """The recorded run used 2 ranks and the framework, selected like the reference,
+    balanced when asked, and updated the parameters like the reference (<= TOLERANCE)."""
+    result = record(results, run.name)
+    assert result["wrapper"] == wrapper
+    assert result.get("zero_stage") == run.zero_stage
+    selected, trained = result["selected_per_rank"], result["trained_per_rank"]
+    if run.case.balance:
+        for counts, owned in zip(trained, selected, strict=True):
+            assert sum(counts) == sum(owned), f"examples lost or duplicated: {trained}"
+            assert max(counts) - min(counts) <= 1, f"not floor/ceil(M/W): {trained}"
+        # The cases' selections are uneven, so balancing must have moved examples.
+        assert trained != selected
+    else:
+        assert trained == selected
+    check_parity(result, run.name)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_ohem import HardExampleSelector, StepOutput, ohem_step
+from dist_ohem import HardExampleSelector, OHEMLoss, SelectionResult, StepOutput, ohem_step
 from tests.parity import rank_slice
 
 WORLD_SIZE = 2
@@ -46,6 +46,8 @@ class Case:
     micro_batches: tuple[tuple[int, ...], ...]
     balance: bool = False
     seed: int = 0
+    #: ohem_step's micro_batch_size: one selection, training in chunks of this many.
+    micro_batch_size: int | None = None
 
     @property
     def accumulation_steps(self) -> int:
@@ -65,6 +67,10 @@ CASES = (
     Case("top1-balance", {"top_k": 1}, ((6, 7),), balance=True, seed=2),
     Case("accumulate", {"keep": 0.5}, ((9, 4), (3, 10)), seed=3),
     Case("accumulate-balance", {"keep": 0.5}, ((9, 4), (3, 10)), balance=True, seed=3),
+    # One selection over 13 examples, trained in chunks of 2: rank 0 runs 3 chunks, rank 1
+    # pads to 3 with zero-weight chunks; gradients synchronise once, on the last.
+    Case("chunked", {"keep": 0.6}, ((9, 4),), seed=4, micro_batch_size=2),
+    Case("chunked-balance", {"keep": 0.6}, ((9, 4),), balance=True, seed=4, micro_batch_size=2),
 )
 
 
@@ -75,11 +81,19 @@ class Run:
     name: str
     case: Case
     zero_stage: int | None = None
+    #: ``"two_pass"`` (:func:`ohem_step`) or ``"mask"`` (:class:`OHEMLoss`).
+    mode: str = "two_pass"
+    #: Which of a script's framework setups runs it (scripts with more than one).
+    engine: str = ""
 
 
 ACCELERATE_RUNS = tuple(Run(case.name, case) for case in CASES)
 DEEPSPEED_RUNS = tuple(
-    Run(f"zero{stage}-{case.name}", case, stage) for stage in (0, 2) for case in CASES
+    Run(f"zero{stage}-{case.name}", case, stage) for stage in (0, 2, 3) for case in CASES
+)
+#: Accelerate with its DeepSpeed plugin (ZeRO-2), in the DeepSpeed launch.
+ACCELERATE_DEEPSPEED_RUNS = tuple(
+    Run(f"accelerate-zero2-{case.name}", case, 2, engine="accelerate") for case in CASES
 )
 
 
@@ -114,7 +128,49 @@ def step(
     """:func:`ohem_step` on one local micro-batch with the case's settings."""
     inputs, targets = batch
     return ohem_step(
-        model, inputs, targets, CRITERION, selector, backward=backward, balance=case.balance
+        model,
+        inputs,
+        targets,
+        CRITERION,
+        selector,
+        backward=backward,
+        balance=case.balance,
+        micro_batch_size=case.micro_batch_size,
+    )
+
+
+@dataclass(frozen=True)
+class MaskStep:
+    """What one mask-mode micro-step did, with the fields of :class:`StepOutput` that
+    :func:`run_cases` records."""
+
+    selection: SelectionResult
+
+    @property
+    def num_trained_local(self) -> int:
+        """Examples back-propagated with non-zero weight: the selected ones."""
+        return self.selection.num_selected_local
+
+
+def mask_step(
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    criterion: OHEMLoss,
+    backward: Callable[[torch.Tensor], object],
+) -> MaskStep:
+    """One mask-mode micro-step: ``backward(criterion(model(inputs), targets))``."""
+    inputs, targets = batch
+    backward(criterion(model(inputs), targets))
+    return MaskStep(criterion.last)
+
+
+def runs_for(engine: str, mode: str, cases: tuple[Case, ...] = CASES) -> tuple[Run, ...]:
+    """One run per case, named ``engine-mode-case``; mask mode skips the balance cases
+    (balance is a two-pass option)."""
+    return tuple(
+        Run(f"{engine}-{mode}-{case.name}", case, mode=mode, engine=engine)
+        for case in cases
+        if mode == "two_pass" or not case.balance
     )
 
 
@@ -140,24 +196,27 @@ def hardest_mask(losses: torch.Tensor, valid: torch.Tensor, rule: dict) -> torch
     return mask
 
 
-def reference(case: Case) -> tuple[list[torch.Tensor], list[list[int]]]:
-    """Single process: parameters after ``p - LR * mean_b(g_b)`` and selected counts per rank.
+def reference(case: Case) -> tuple[list[torch.Tensor], list[list[int]], list[float]]:
+    """Single process: parameters after ``p - LR * mean_b(g_b)``, selected counts per rank
+    and the mean loss over the selected examples, for every micro-batch ``b``.
 
     ``g_b`` is the gradient of the mean loss over the examples that
     :func:`hardest_mask` picks on the concatenated micro-batch ``b``; every ``g_b`` is
     taken at the initial parameters, as gradient accumulation does.
     """
     model = make_model()
-    selected_per_rank = []
+    selected_per_rank, mean_losses = [], []
     for index, sizes in enumerate(case.micro_batches):
         inputs, targets = global_batch(case.batch_seed(index), sum(sizes))
         losses = nn.functional.cross_entropy(model(inputs), targets, reduction="none")
         mask = hardest_mask(losses, torch.ones_like(targets, dtype=torch.bool), case.rule)
-        (losses[mask].mean() / case.accumulation_steps).backward()
+        mean = losses[mask].mean()
+        (mean / case.accumulation_steps).backward()
         selected_per_rank.append([int(part.sum()) for part in mask.split(list(sizes))])
+        mean_losses.append(mean.item())
     with torch.no_grad():
         params = [p - LR * p.grad for p in model.parameters()]
-    return params, selected_per_rank
+    return params, selected_per_rank, mean_losses
 
 
 def run_cases(
@@ -175,7 +234,7 @@ def run_cases(
     results = {}
     for run in runs:
         params, outputs, facts = train(run)
-        expected, reference_selected = reference(run.case)
+        expected, reference_selected, reference_means = reference(run.case)
         trained = [None] * world_size
         dist.all_gather_object(trained, [out.num_trained_local for out in outputs])
         results[run.name] = {
@@ -183,6 +242,7 @@ def run_cases(
             "world_size": world_size,
             "selected_per_rank": [list(out.selection.selected_per_rank) for out in outputs],
             "reference_selected_per_rank": reference_selected,
+            "reference_mean_losses": reference_means,
             "trained_per_rank": [list(counts) for counts in zip(*trained, strict=True)],
             **facts,
         }
