@@ -21,7 +21,7 @@ from dist_ohem.selector import HardExampleSelector, SelectionResult
 
 __all__ = ["RoISelection", "RoISelector", "box_iou", "dedup_rois"]
 
-#: Sorted RoIs of a group are visited in blocks of this many: one IoU block of
+#: The sorted RoIs of an image are visited in blocks of this many: one IoU block of
 #: ``block x remaining`` per step, and a fixed-point pass of at most ``block`` rounds
 #: inside the block (few in practice), so the greedy NMS is exact and needs no Python
 #: loop over individual RoIs.
@@ -84,28 +84,30 @@ def dedup_rois(
     kept = torch.zeros(num_rois, dtype=torch.bool, device=boxes.device)
     if num_rois == 0:
         return kept
-    group = image_ids.to(torch.int64)
-    if labels is not None:
-        _, label_index = torch.unique(labels, return_inverse=True)
-        group = group * (int(label_index.max()) + 1) + label_index
-    _, group = torch.unique(group, return_inverse=True)
-    # Hardness order (stable sort: ties keep the lower index first), then grouped.
+    # One row per image, RoIs in hardness order (a stable sort keeps ties in index
+    # order); labels, when given, only mask the pairs: rows stay image-sized, not padded
+    # to the largest (image, label) group.
+    _, image = torch.unique(image_ids, return_inverse=True)
     order = torch.sort(hardness_key(losses.detach()), descending=True, stable=True).indices
-    order = order[torch.sort(group[order], stable=True).indices]
-    group_of = group[order]
-    counts = torch.bincount(group_of)
-    position = torch.arange(num_rois, device=boxes.device) - (counts.cumsum(0) - counts)[group_of]
-    num_groups, longest = counts.numel(), int(counts.max())
-
-    # One row per group, RoIs in visiting order; padding is "suppressed" from the start.
-    padded = boxes.new_zeros(num_groups, longest, 4)
-    padded[group_of, position] = boxes.detach()[order]
-    suppressed = torch.ones(num_groups, longest, dtype=torch.bool, device=boxes.device)
-    suppressed[group_of, position] = False
+    order = order[torch.sort(image[order], stable=True).indices]
+    image_of = image[order]
+    counts = torch.bincount(image_of)
+    position = torch.arange(num_rois, device=boxes.device) - (counts.cumsum(0) - counts)[image_of]
+    num_images, longest = counts.numel(), int(counts.max())
+    padded = boxes.new_zeros(num_images, longest, 4)
+    padded[image_of, position] = boxes.detach()[order]
+    label_rows = None
+    if labels is not None:
+        label_rows = torch.zeros(num_images, longest, dtype=labels.dtype, device=labels.device)
+        label_rows[image_of, position] = labels[order]
+    suppressed = torch.ones(num_images, longest, dtype=torch.bool, device=boxes.device)
+    suppressed[image_of, position] = False  # padding counts as suppressed: never kept
     kept_padded = torch.zeros_like(suppressed)
     for start in range(0, longest, DEDUP_BLOCK):
         stop = min(start + DEDUP_BLOCK, longest)
         overlap = box_iou(padded[:, start:stop], padded[:, start:]) > iou_threshold
+        if label_rows is not None:
+            overlap &= label_rows[:, start:stop, None] == label_rows[:, None, start:]
         # earlier[g, i, j]: in-block RoI i comes before j and would suppress it if kept.
         earlier = overlap[:, :, : stop - start].triu(diagonal=1)
         candidate = ~suppressed[:, start:stop]
@@ -121,7 +123,7 @@ def dedup_rois(
             block_kept = updated
         kept_padded[:, start:stop] = block_kept
         suppressed[:, start:] |= (overlap & block_kept[:, :, None]).any(1)
-    kept[order] = kept_padded[group_of, position]
+    kept[order] = kept_padded[image_of, position]
     return kept
 
 

@@ -1,0 +1,349 @@
+"""Run: ``flock /tmp/bench.lock python bench/roi_quality.py`` (full, ~15 min) or ``--quick``.
+
+RoI-level OHEM as in the paper (examples/roi_detection.py, a Fast R-CNN-style detector
+on generated scenes), one image per rank (the paper's N = 1 case) on W = 2 and W = 4
+gloo ranks: the standard sampler (64 RoIs per image, 25% foreground, background from
+IoU [0.1, 0.5)) vs a random subset of 64 RoIs per image vs local OHEM (each rank's own
+64 hardest after dedup_rois at 0.7) vs global OHEM (the 64 x W hardest of all ranks), 5
+seeds each (the seed draws the training scenes and the initial weights; the test set is
+fixed). W = 4 runs half the steps of W = 2, so every run sees the same images.
+
+Reported: final COCO mAP@[.5:.95] and mAP@0.5 (pycocotools) mean ± std; global - local
+paired by seed; the share of the batches' foreground RoIs and of the background RoIs
+lying on look-alikes (the hard negatives) that the step trained on; the cost to reach
+0.9 x the best final mean mAP of the W (training seconds: the slowest rank's step times
+summed, no evaluation; RoIs back-propagated). Then mask-mode OHEM (every RoI through
+the head with grad, the unselected weighted 0) against the read-only-head two-pass
+version, same selection, alternated runs: median step time.
+
+The ranks are started once per W (bench/common.run_world, FileStore rendezvous) and run
+every variant and seed in one process group, so no run pays a process start. Writes
+``bench/results/roi_quality.{json,md,png}`` (``roi_quality_quick.*`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+
+from bench.common import markdown_table, run_meta, run_world, write_report  # noqa: E402
+from bench.quality import fmt, mean_std, paired_difference, time_to_target  # noqa: E402
+
+VARIANTS = {
+    "sampler": "standard sampler",
+    "random": "random RoIs",
+    "local": "local OHEM",
+    "global": "global OHEM",
+}
+TARGET_FRACTION = 0.9
+#: (W, steps); both see 600 training images.
+FULL = ((2, 300), (4, 150))
+QUICK = ((2, 60),)
+MASK_TIMING_STEPS = 40
+
+
+def rank_main(rank: int, world_size: int, init_file: str, plan: dict, out_file: str) -> None:
+    """One rank: every (seed, variant) run of ``plan``, then the mask-mode timing."""
+    import json
+
+    import roi_detection
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    runs, timing = [], []
+    base = {"max_steps": plan["steps"], "eval_every": plan["eval_every"], "plot": False}
+    base |= {"test_images": plan["test_images"], "progress": False}
+    for seed in plan["seeds"]:
+        for variant in VARIANTS:
+            run_dir = Path(plan["runs_dir"]) / f"w{world_size}_{variant}_s{seed}"
+            cfg = roi_detection.Config(run_dir=str(run_dir), seed=seed, scope=variant, **base)
+            summary = roi_detection.train(cfg)
+            if rank == 0:
+                runs.append(read_run(run_dir, summary, variant, seed, world_size))
+                logging.info("W=%d %s seed %d: mAP %.3f", world_size, variant, seed, summary["map"])
+    for repeat in range(plan["mask_repeats"]):
+        for mode in ("two_pass", "mask"):
+            run_dir = Path(plan["runs_dir"]) / f"w{world_size}_timing_{mode}_{repeat}"
+            cfg = roi_detection.Config(
+                run_dir=str(run_dir), seed=repeat, mode=mode, **(base | plan["timing"])
+            )
+            summary = roi_detection.train(cfg)
+            if rank == 0:
+                steps = [
+                    json.loads(line)
+                    for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                ]
+                step_s = [r["step_s_max"] for r in steps if r["kind"] == "train"][5:]
+                with_grad = summary["rois_in_batch" if mode == "mask" else "rois_backpropagated"]
+                timing.append(
+                    {"mode": mode, "repeat": repeat, "median_step_s": statistics.median(step_s),
+                     "rois_with_grad_per_step": with_grad / cfg.max_steps}
+                )  # fmt: skip
+    if rank == 0:
+        Path(out_file).write_text(json.dumps({"runs": runs, "timing": timing}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def read_run(run_dir: Path, summary: dict, variant: str, seed: int, world_size: int) -> dict:
+    """One run's final metrics, hard-RoI shares and its cost curve (per evaluation)."""
+    import json
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_s = rois = 0.0
+    cost = {}
+    for record in records:
+        if record["kind"] == "train":
+            train_s += record["step_s_max"]
+            rois += record["rois_backpropagated"]
+            cost[record["step"]] = (train_s, rois)
+    curve = [
+        {"step": r["step"], "train_s": cost[r["step"]][0], "examples": int(cost[r["step"]][1]),
+         "map": r["map"], "map50": r["map50"]}
+        for r in records if r["kind"] == "eval"
+    ]  # fmt: skip
+    return {
+        "world_size": world_size,
+        "variant": variant,
+        "seed": seed,
+        "final": {"map": summary["map"], "map50": summary["map50"]},
+        "fg_kept": summary["fg_kept"],
+        "lookalike_kept": summary["lookalike_kept"],
+        "train_s": summary["train_s"],
+        "rois_backpropagated": summary["rois_backpropagated"],
+        "curve": curve,
+    }
+
+
+def aggregate(runs: list[dict], world_sizes: list[int]) -> list[dict[str, Any]]:
+    """Per (W, variant): mean ± std over seeds, global - local paired, cost to target."""
+    rows = []
+    for world_size in world_sizes:
+        cell = [r for r in runs if r["world_size"] == world_size]
+        best = max(
+            statistics.fmean(r["final"]["map"] for r in cell if r["variant"] == v) for v in VARIANTS
+        )
+        target = TARGET_FRACTION * best
+        for variant in VARIANTS:
+            mine = [r for r in cell if r["variant"] == variant]
+            reached = [time_to_target(r["curve"], "map", target) for r in mine]
+            reached = [point for point in reached if point is not None]
+            local = [r for r in cell if r["variant"] == "local"]
+            rows.append(
+                {
+                    "world_size": world_size,
+                    "variant": variant,
+                    "map": mean_std([r["final"]["map"] for r in mine]),
+                    "map50": mean_std([r["final"]["map50"] for r in mine]),
+                    "fg_kept": mean_std([r["fg_kept"] for r in mine]),
+                    "lookalike_kept": mean_std([r["lookalike_kept"] for r in mine]),
+                    "train_s": mean_std([r["train_s"] for r in mine]),
+                    # paired_difference gives (others - global): negated, global - local.
+                    "global_minus_local": _negated(paired_difference(local, cell, "map"))
+                    if variant == "global"
+                    else None,
+                    "target": target,
+                    "reached": len(reached),
+                    "seeds": len(mine),
+                    "to_target_s": mean_std([p["train_s"] for p in reached]),
+                    "to_target_rois": mean_std([p["examples"] for p in reached]),
+                }
+            )
+    return rows
+
+
+def _negated(difference: dict[str, Any]) -> dict[str, Any]:
+    flip = {k: (None if v is None else -v) for k, v in difference.items() if k in ("mean",)}
+    return {**difference, **flip, "above": difference["below"], "below": difference["above"]}
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report: setup, quality table, cost table, mask vs two-pass timing."""
+    meta = report["meta"]
+    rows = report["rows"]
+    quality = markdown_table(
+        ["W", "variant", "mAP@[.5:.95]", "mAP@0.5", "global - local (paired)",
+         "fg RoIs trained", "look-alike RoIs trained"],
+        [
+            [str(r["world_size"]), VARIANTS[r["variant"]], fmt(r["map"]), fmt(r["map50"]),
+             "-" if r["global_minus_local"] is None
+             else f"{fmt(r['global_minus_local'], '+.3f')} (ahead in "
+             f"{r['global_minus_local']['above']}/{r['seeds']})",
+             fmt(r["fg_kept"], ".3f"), fmt(r["lookalike_kept"], ".3f")]
+            for r in rows
+        ],
+    )  # fmt: skip
+    cost = markdown_table(
+        ["W", "variant", "target mAP", "reached", "train s to target", "RoIs to target",
+         "train s (all steps)"],
+        [
+            [str(r["world_size"]), VARIANTS[r["variant"]], f"{r['target']:.3f}",
+             f"{r['reached']}/{r['seeds']}", fmt(r["to_target_s"], ".1f"),
+             fmt(r["to_target_rois"], ".0f"), fmt(r["train_s"], ".1f")]
+            for r in rows
+        ],
+    )  # fmt: skip
+    timing_rows = []
+    for mode in ("two_pass", "mask"):
+        mine = [t for t in report["timing"] if t["mode"] == mode]
+        if mine:
+            timing_rows.append(
+                [mode, f"{statistics.median(t['median_step_s'] for t in mine) * 1000:.1f}",
+                 f"{statistics.fmean(t['rois_with_grad_per_step'] for t in mine):.0f}",
+                 ", ".join(f"{t['median_step_s'] * 1000:.1f}" for t in mine)]
+            )  # fmt: skip
+    plan = report["plan"]
+    parts = [
+        "# RoI-level OHEM: standard sampler vs random vs local vs global OHEM",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date (UTC): {meta['date']}; torch {meta['torch']}; python {meta['python']}; "
+        f"{meta['cores']} cores; git {meta['git']}; one thread per rank",
+        f"- machine: {meta['machine']}; load average (1 min, the study's own ranks included) "
+        f"{meta['load_start'][0]} at start, {meta['load_end'][0]} at end; wall time "
+        f"{meta['wall_s'] / 60:.1f} min",
+        f"- examples/roi_detection.py, 1 image per rank, {plan['rois_per_image']} RoIs per "
+        f"image back-propagated, {plan['proposals']} proposals per image; (W, steps) = "
+        f"{report['cells']}; seeds {report['seeds']}; test set {plan['test_images']} fixed "
+        f"scenes, evaluated every {report['eval_every']}",
+        "- global - local: mAP of global OHEM minus local OHEM's with the same seed.",
+        "- fg / look-alike RoIs trained: the share of the batches' foreground RoIs (IoU >= 0.5 "
+        "with an object), and of the background RoIs lying on a look-alike (IoU >= 0.5 with "
+        "one: the hard negatives), that the steps back-propagated, over all steps.",
+        f"- target: {TARGET_FRACTION} x the best final mean mAP of the W; train s = sum over "
+        "steps of the slowest rank's step time (no evaluation); RoIs = RoIs back-propagated "
+        "up to the first evaluation at or above the target; means over the seeds that "
+        "reached it.",
+        "",
+        "## Final test mAP",
+        "",
+        quality,
+        "",
+        "## Cost to the target",
+        "",
+        cost,
+        "",
+        "## Mask mode vs the read-only head (two-pass)",
+        "",
+        f"W={plan['timing_world_size']}, global OHEM, {plan['timing']['max_steps']} steps a "
+        "run, runs alternated; median over steps after the first 5 of the slowest rank's "
+        "step time (backbone forward and backward, scoring, dedup, selection, head, "
+        "optimizer).",
+        "",
+        markdown_table(
+            [
+                "mode",
+                "step ms (median of runs)",
+                "RoIs with grad per step",
+                "per run",
+            ],
+            timing_rows,
+        ),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Mean test mAP (± std band) against the RoIs back-propagated, one panel per W."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = report["cells"]
+    figure, axes = plt.subplots(1, len(cells), figsize=(5 * len(cells), 3.8), squeeze=False)
+    for ax, (world_size, _) in zip(axes[0], cells, strict=True):
+        for variant, label in VARIANTS.items():
+            runs = [
+                r
+                for r in report["runs"]
+                if r["world_size"] == world_size and r["variant"] == variant
+            ]
+            points = list(zip(*(r["curve"] for r in runs), strict=True))
+            x = [statistics.fmean(q["examples"] for q in p) for p in points]
+            mean = [statistics.fmean(q["map"] for q in p) for p in points]
+            std = [statistics.stdev(q["map"] for q in p) if len(p) > 1 else 0 for p in points]
+            (line,) = ax.plot(x, mean, marker=".", label=label)
+            ax.fill_between(
+                x, [m - s for m, s in zip(mean, std, strict=True)],
+                [m + s for m, s in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.2,
+            )  # fmt: skip
+        ax.set(title=f"W={world_size}, 1 image per rank", xlabel="RoIs back-propagated",
+               ylabel="test mAP@[.5:.95]")  # fmt: skip
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="W=2, 2 seeds, 60 steps")
+    parser.add_argument("--seeds", type=int, help="seeds per variant (default 5; --quick 2)")
+    parser.add_argument("--machine", default="not stated", help="a note: quiet or shared?")
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "roi_quality")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import roi_detection
+    import roi_scenes
+
+    cells = QUICK if args.quick else FULL
+    seeds = list(range(args.seeds or (2 if args.quick else 5)))
+    test_images = 50 if args.quick else 100
+    started, load_start = time.perf_counter(), os.getloadavg()
+    runs, timing = [], []
+    for world_size, steps in cells:
+        plan = {
+            "steps": steps,
+            "eval_every": steps // 3,
+            "seeds": seeds,
+            "test_images": test_images,
+            "runs_dir": str(args.runs_dir),
+            "mask_repeats": 0 if world_size != cells[0][0] else (1 if args.quick else 2),
+            "timing": {"max_steps": 10 if args.quick else MASK_TIMING_STEPS, "eval_every": 10**6},
+        }
+        result = run_world(world_size, plan, rank_main)
+        runs += result["runs"]
+        timing += result["timing"]
+    meta = run_meta(started, load_start, ("dist_ohem", "examples", "bench/roi_quality.py"))
+    meta["machine"] = args.machine
+    report = {
+        "meta": meta,
+        "cells": [list(c) for c in cells],
+        "seeds": seeds,
+        "eval_every": [steps // 3 for _, steps in cells],
+        "plan": {
+            "rois_per_image": roi_detection.Config.rois_per_image,
+            "proposals": roi_scenes.NUM_PROPOSALS,
+            "test_images": test_images,
+            "timing": {"max_steps": 10 if args.quick else MASK_TIMING_STEPS},
+            "timing_world_size": cells[0][0],
+        },
+        "rows": aggregate(runs, [w for w, _ in cells]),
+        "runs": runs,
+        "timing": timing,
+    }
+    stem = "roi_quality_quick" if args.quick else "roi_quality"
+    write_report(report, render_markdown(report), args.output_dir, stem)
+    plot(report, args.output_dir / f"{stem}.png")
+
+
+if __name__ == "__main__":
+    main()
