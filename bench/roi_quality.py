@@ -48,8 +48,8 @@ VARIANTS = {
     "global": "global OHEM",
 }
 TARGET_FRACTION = 0.9
-#: (W, steps); both see 600 training images.
-FULL = ((2, 300), (4, 150))
+#: (W, steps); both see 480 training images.
+FULL = ((2, 240), (4, 120))
 QUICK = ((2, 60),)
 MASK_TIMING_STEPS = 40
 

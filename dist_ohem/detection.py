@@ -41,12 +41,13 @@ def box_iou(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
     """
     x1a, y1a, x2a, y2a = (boxes_a[..., :, None, k] for k in range(4))
     x1b, y1b, x2b, y2b = (boxes_b[..., None, :, k] for k in range(4))
-    width = (torch.minimum(x2a, x2b) - torch.maximum(x1a, x1b)).clamp_(min=0)
-    height = (torch.minimum(y2a, y2b) - torch.maximum(y1a, y1b)).clamp_(min=0)
+    # In place where possible: each temporary is a full (n, m) buffer.
+    width = torch.minimum(x2a, x2b).sub_(torch.maximum(x1a, x1b)).clamp_(min=0)
+    height = torch.minimum(y2a, y2b).sub_(torch.maximum(y1a, y1b)).clamp_(min=0)
     intersection = width.mul_(height)
-    union = (x2a - x1a) * (y2a - y1a) + (x2b - x1b) * (y2b - y1b) - intersection
+    union = ((x2a - x1a) * (y2a - y1a) + (x2b - x1b) * (y2b - y1b)).sub_(intersection)
     # Where the union is 0 the intersection is 0 too: 0 / tiny = 0, never 0 / 0.
-    return intersection / union.clamp_(min=torch.finfo(union.dtype).tiny)
+    return intersection.div_(union.clamp_(min=torch.finfo(union.dtype).tiny))
 
 
 def dedup_rois(

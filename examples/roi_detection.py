@@ -71,7 +71,7 @@ class Config:
     images_per_rank: int = 1
     rois_per_image: int = 64  # B: RoIs back-propagated per image
     iou_threshold: float = 0.7  # dedup_rois before the selection (OHEM scopes)
-    lr: float = 2e-3  # AdamW, cosine decay to lr / 20
+    lr: float = 3e-3  # AdamW, cosine decay to lr / 20
     test_images: int = 100
     eval_every: int = 100  # also at the end
     plot: bool = True
