@@ -1,13 +1,14 @@
-"""DESIGN.md §4 invariant for ohem_step under real Accelerate and DeepSpeed launches.
+"""DESIGN.md §4 invariant for ohem_step and OHEMLoss under real Accelerate and DeepSpeed.
 
 Each framework is launched once, as a real launcher subprocess on 2 CPU ranks (gloo),
-and runs every case of ``tests/framework_scripts/parity_cases.py`` (balance off and on,
+and runs the cases of ``tests/framework_scripts/parity_cases.py`` (balance off and on,
 an idle rank, gradient accumulation over 2 uneven micro-batches, ``micro_batch_size``
-chunks; DeepSpeed under ZeRO stages 0, 2 and 3 with partitioned parameters, then
-Accelerate's DeepSpeed plugin at ZeRO-2 in the same launch). A case takes one plain
-SGD step with LR = 1, so the parameters after the step differ from the single-process
-reference ``p - LR * g`` by exactly the gradient difference; the script records that
-difference per case in a JSON file.
+chunks) in two-pass and mask mode: Accelerate (DDP); DeepSpeed two-pass at ZeRO 0, 2
+and 3 (partitioned parameters) and mask mode at ZeRO 1 and 3, then Accelerate's
+DeepSpeed plugin at ZeRO-2 in the same launch. A case takes one plain SGD step with
+LR = 1, so the parameters after the step differ from the single-process reference
+``p - LR * g`` by exactly the gradient difference; the script records that difference
+per case in a JSON file.
 
 Tolerance 1e-6 in fp32: the gradients here are O(0.1-1) and the two sides differ only
 in summation order (per-rank partial sums averaged by the engine vs. one backward over
@@ -35,8 +36,8 @@ def accelerate_results(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def deepspeed_results(tmp_path_factory) -> dict:
-    """One ``torchrun`` of 2 CPU ranks running every DeepSpeed case (ZeRO 0, 2 and 3),
-    then every case under Accelerate's DeepSpeed plugin (ZeRO-2)."""
+    """One ``torchrun`` of 2 CPU ranks: every DeepSpeed run, then every run under
+    Accelerate's DeepSpeed plugin (ZeRO-2)."""
     require("deepspeed")
     require("accelerate")
     return launch_script(tmp_path_factory, "torchrun", "deepspeed_step.py")

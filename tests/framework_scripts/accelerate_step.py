@@ -1,4 +1,5 @@
-"""ohem_step under Accelerate (DDP on 2 CPU ranks): every case of parity_cases in one launch.
+"""ohem_step and OHEMLoss under Accelerate (DDP on 2 CPU ranks): every case of parity_cases
+in one launch.
 
 Launched by tests/test_step_frameworks.py as
 ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ... accelerate_step.py
@@ -18,7 +19,7 @@ from tests.framework_scripts.parity_cases import (
     local_micro_batches,
     make_model,
     run_cases,
-    step,
+    train_micro_batch,
 )
 
 #: The accumulation cases use 2 micro-batches; single-batch cases set it to 1 per case.
@@ -35,7 +36,7 @@ def train(run: Run) -> tuple[list[torch.Tensor], list[StepOutput], dict]:
     outputs = []
     for batch in local_micro_batches(case, accelerator.process_index):
         with accelerator.accumulate(model):
-            outputs.append(step(model, batch, case, selector, accelerator.backward))
+            outputs.append(train_micro_batch(model, batch, run, selector, accelerator.backward))
             optimizer.step()
             optimizer.zero_grad()
     params = list(accelerator.unwrap_model(model).parameters())

@@ -1,4 +1,4 @@
-"""ohem_step under DeepSpeed ZeRO stages 0, 2 and 3, then under Accelerate with its
+"""ohem_step and OHEMLoss under DeepSpeed ZeRO stages 0-3, then under Accelerate with its
 DeepSpeed plugin (ZeRO-2), on 2 CPU ranks (gloo), one launch.
 
 Under ZeRO-3 the parameters are partitioned (each rank holds a flat shard, the module's
@@ -33,7 +33,7 @@ from tests.framework_scripts.parity_cases import (
     local_micro_batches,
     make_model,
     run_cases,
-    step,
+    train_micro_batch,
 )
 
 
@@ -65,7 +65,7 @@ def train(run: Run) -> tuple[list[torch.Tensor], list[StepOutput], dict]:
     selector = HardExampleSelector(**case.rule)
     outputs = []
     for batch in local_micro_batches(case, dist.get_rank()):
-        outputs.append(step(engine, batch, case, selector, engine.backward))
+        outputs.append(train_micro_batch(engine, batch, run, selector, engine.backward))
         engine.step()
     module_params = list(engine.module.parameters())
     facts = {
@@ -105,12 +105,12 @@ class AccelerateDeepSpeed:
         # accelerator.backward steps the engine after every call; with micro_batch_size
         # ohem_step calls backward once per chunk, so it needs the engine's own backward
         # and one engine step (the prepared optimizer's step is a no-op under DeepSpeed).
-        chunked = case.micro_batch_size is not None
+        chunked = case.micro_batch_size is not None and run.mode == "two_pass"
         backward = model.backward if chunked else accelerator.backward
         outputs = []
         for batch in local_micro_batches(case, accelerator.process_index):
             with accelerator.accumulate(model):
-                outputs.append(step(model, batch, case, selector, backward))
+                outputs.append(train_micro_batch(model, batch, run, selector, backward))
                 if chunked:
                     model.step()
                 optimizer.step()
@@ -127,7 +127,7 @@ class AccelerateDeepSpeed:
 
 
 def main() -> None:
-    """Run every case under ZeRO stages 0, 2 and 3 and under Accelerate's plugin, then
+    """Run every DeepSpeed run (ZeRO stages 0-3) and every Accelerate-plugin run, then
     leave the process group."""
     # The shared-memory all-reduce kernel only serves DeepSpeed's inference all-reduce,
     # never training; marking it unavailable skips its JIT compile (about a minute on a

@@ -87,13 +87,35 @@ class Run:
     engine: str = ""
 
 
-ACCELERATE_RUNS = tuple(Run(case.name, case) for case in CASES)
-DEEPSPEED_RUNS = tuple(
-    Run(f"zero{stage}-{case.name}", case, stage) for stage in (0, 2, 3) for case in CASES
+def runs_for(engine: str, mode: str, cases: tuple[Case, ...] = CASES) -> tuple[Run, ...]:
+    """One run per case, named ``engine-mode-case``; mask mode skips the balance cases
+    (balance is a two-pass option)."""
+    return tuple(
+        Run(f"{engine}-{mode}-{case.name}", case, mode=mode, engine=engine)
+        for case in cases
+        if mode == "two_pass" or not case.balance
+    )
+
+
+def mask_runs(prefix: str, zero_stage: int | None = None, engine: str = "") -> tuple[Run, ...]:
+    """The mask-mode runs (no balance cases), named ``prefix-mask-case``."""
+    return tuple(
+        Run(f"{prefix}-mask-{case.name}", case, zero_stage, mode="mask", engine=engine)
+        for case in CASES
+        if not case.balance
+    )
+
+
+ACCELERATE_RUNS = (*(Run(case.name, case) for case in CASES), *mask_runs("accelerate"))
+#: Two-pass at ZeRO 0, 2, 3; mask mode at 1 and 3 (each engine init costs ~0.5 s).
+DEEPSPEED_RUNS = (
+    *(Run(f"zero{stage}-{case.name}", case, stage) for stage in (0, 2, 3) for case in CASES),
+    *(run for stage in (1, 3) for run in mask_runs(f"zero{stage}", stage)),
 )
 #: Accelerate with its DeepSpeed plugin (ZeRO-2), in the DeepSpeed launch.
-ACCELERATE_DEEPSPEED_RUNS = tuple(
-    Run(f"accelerate-zero2-{case.name}", case, 2, engine="accelerate") for case in CASES
+ACCELERATE_DEEPSPEED_RUNS = (
+    *(Run(f"accelerate-zero2-{case.name}", case, 2, engine="accelerate") for case in CASES),
+    *mask_runs("accelerate-zero2", 2, engine="accelerate"),
 )
 
 
@@ -164,14 +186,18 @@ def mask_step(
     return MaskStep(criterion.last)
 
 
-def runs_for(engine: str, mode: str, cases: tuple[Case, ...] = CASES) -> tuple[Run, ...]:
-    """One run per case, named ``engine-mode-case``; mask mode skips the balance cases
-    (balance is a two-pass option)."""
-    return tuple(
-        Run(f"{engine}-{mode}-{case.name}", case, mode=mode, engine=engine)
-        for case in cases
-        if mode == "two_pass" or not case.balance
-    )
+def train_micro_batch(
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    run: Run,
+    selector: HardExampleSelector,
+    backward: Callable[[torch.Tensor], object],
+) -> StepOutput | MaskStep:
+    """One micro-batch in the run's mode: :func:`ohem_step`, or :class:`OHEMLoss` on the
+    model's output and ``backward``."""
+    if run.mode == "mask":
+        return mask_step(model, batch, OHEMLoss(CRITERION, selector=selector), backward)
+    return step(model, batch, run.case, selector, backward)
 
 
 def num_to_select(rule: dict, num_valid: int) -> int:

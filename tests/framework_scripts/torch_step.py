@@ -7,8 +7,8 @@ Launched by tests/test_integration_torch.py as
   (:class:`OHEMLoss`) and two-pass (:func:`ohem_step`, with and without balance, a rank
   training nothing, accumulation). The updated parameters are DTensor shards:
   ``full_tensor()`` gathers them for the comparison.
-- torch.compile: DDP of a model compiled with the ``aot_eager`` backend, two-pass (the
-  scoring pass goes through the compiled module under ``no_grad``).
+- torch.compile: DDP of a model compiled with the ``aot_eager`` backend, mask mode and
+  two-pass (the scoring pass goes through the compiled module under ``no_grad``).
 """
 
 from __future__ import annotations
@@ -20,19 +20,17 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_ohem import HardExampleSelector, OHEMLoss
+from dist_ohem import HardExampleSelector
 from tests.framework_scripts.parity_cases import (
     CASES,
-    CRITERION,
     LR,
     Run,
     leave_process_group,
     local_micro_batches,
     make_model,
-    mask_step,
     run_cases,
     runs_for,
-    step,
+    train_micro_batch,
 )
 
 #: The compiled runs: one plain, one with an idle rank and balance, one accumulated.
@@ -56,6 +54,7 @@ def counting_aot_eager(graph: torch.fx.GraphModule, example_inputs: list):
 RUNS = (
     *runs_for("fsdp2", "mask"),
     *runs_for("fsdp2", "two_pass"),
+    *runs_for("compile", "mask", COMPILE_CASES),
     *runs_for("compile", "two_pass", COMPILE_CASES),
 )
 
@@ -71,13 +70,10 @@ def one_optimizer_step(run: Run, model, params_of):
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     backward = accumulating_backward(case.accumulation_steps)
     selector = HardExampleSelector(**case.rule)
-    criterion = OHEMLoss(CRITERION, selector=selector)
-    outputs = []
-    for batch in local_micro_batches(case, dist.get_rank()):
-        if run.mode == "mask":
-            outputs.append(mask_step(model, batch, criterion, backward))
-        else:
-            outputs.append(step(model, batch, case, selector, backward))
+    outputs = [
+        train_micro_batch(model, batch, run, selector, backward)
+        for batch in local_micro_batches(case, dist.get_rank())
+    ]
     optimizer.step()
     return params_of(model), outputs
 
