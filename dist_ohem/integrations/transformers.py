@@ -12,7 +12,7 @@ rescales what a ``compute_loss_func`` returns, assuming it is a sum over the tok
 the step divided by ``num_items_in_batch``. In transformers 5.24
 (``transformers/trainer.py``):
 
-- ``Trainer.compute_loss`` (lines 2207-2214) multiplies the loss by
+- ``Trainer.compute_loss`` (lines 2207-2215) multiplies the loss by
   ``accelerator.num_processes`` when ``args.average_tokens_across_devices`` (default
   True) and ``num_items_in_batch is not None``::
 
@@ -34,7 +34,9 @@ the step divided by ``num_items_in_batch``. In transformers 5.24
       if not loss_is_scaled_for_ga:
           loss = loss / self.current_gradient_accumulation_steps
 
-  so each of G micro-batches would count fully: the update G times too large.
+  so each of G micro-batches would count fully: the update G times too large. (Leave
+  ``Trainer.loss_is_scaled_for_ga`` at its default None: set to False, the Trainer
+  would divide by G a second time.)
 
 The function returned here undoes both. What is logged: ``Trainer._maybe_log_save_evaluate``
 (line 2257) logs ``nested_gather(tr_loss).mean()`` over ranks, divided by the optimizer
@@ -144,7 +146,7 @@ class TrainerOHEMLoss:
         return self.criterion(logits, targets) / divisor
 
     def _trainer_scale(self, num_items_in_batch: torch.Tensor | int | None) -> int:
-        """The factor ``Trainer.compute_loss`` multiplies the returned loss by (lines 2207-2214)."""
+        """The factor ``Trainer.compute_loss`` multiplies the returned loss by (lines 2207-2215)."""
         args = self.training_args
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             return args.world_size
