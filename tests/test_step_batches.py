@@ -414,6 +414,49 @@ def test_ohem_loss_score_selects_by_score_and_trains_on_loss(mask_results, case)
         assert math.isclose(last_mean_loss, float(mean), rel_tol=1e-6), rank
 
 
+ACCUMULATION_SIZES = ((6, 0, 7), (3, 5, 2))
+
+
+def mask_accumulation_on_rank() -> list[torch.Tensor]:
+    """README recipe: mask mode over 2 micro-batches with reduction="sum", the first under
+    no_sync, then the gradients divided by the step's total M."""
+    rank = get_rank()
+    model = make_mlp()
+    ddp = DDP(model)
+    ohem = OHEMLoss(nn.CrossEntropyLoss(), keep=0.4, reduction="sum")
+    selected_in_step = 0
+    for micro, sizes in enumerate(ACCUMULATION_SIZES):
+        inputs, targets = (
+            rank_slice(t, list(sizes), rank) for t in classification_batch(30 + micro, sum(sizes))
+        )
+        context = ddp.no_sync() if micro == 0 else torch.enable_grad()
+        with context:
+            ohem(ddp(inputs), targets).backward()
+        selected_in_step += ohem.last.num_selected_global
+    for p in model.parameters():
+        p.grad /= selected_in_step
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_mask_mode_accumulation_weights_every_selected_instance_alike(ranks):
+    """Each micro-batch selects its own top-M_b; the step's gradient is the mean over all
+    M_1 + M_2 selected instances."""
+    outputs = ranks.run(3, mask_accumulation_on_rank, timeout=TIMEOUT_S)
+    model = make_mlp()
+    total, count = 0.0, 0
+    for micro, sizes in enumerate(ACCUMULATION_SIZES):
+        inputs, targets = classification_batch(30 + micro, sum(sizes))
+        losses, usable = reference_example_losses(model(inputs), targets)
+        m = reference_count({"keep": 0.4}, int(usable.sum()))
+        total = total + losses[brute_force_top(losses.detach(), usable, m)].sum()
+        count += m
+    (total / count).backward()
+    for rank, grads in enumerate(outputs):
+        for g, w in zip(grads, [p.grad for p in model.parameters()], strict=True):
+            diff = (g - w).abs().max().item()
+            assert diff <= TOLERANCE, f"rank {rank}: max |grad diff| {diff:.2e}"
+
+
 def test_ohem_loss_without_mean_sync_reports_nan():
     logits, targets = torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
     ohem = OHEMLoss(nn.CrossEntropyLoss(), keep=0.5, sync_mean_loss=False)
