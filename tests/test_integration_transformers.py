@@ -9,12 +9,16 @@ selects nothing), and a bare ``OHEMLoss`` that shows the Trainer's rescaling.
 
 from __future__ import annotations
 
+import functools
 import math
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from tests.framework_scripts.launch_checks import check_parity, launch_script, record, require
@@ -97,35 +101,59 @@ def test_bad_model_output_is_a_clear_error(tmp_path, outputs, labels, message):
         loss_func(outputs, labels, num_items_in_batch=None)
 
 
-@pytest.mark.parametrize("shift_labels", [True, False])
-@pytest.mark.parametrize("accumulation", [1, 3])
+@functools.cache
+def cached_training_args(accumulation: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=tempfile.gettempdir(),
+        use_cpu=True,
+        report_to=[],
+        gradient_accumulation_steps=accumulation,
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    length=st.integers(1, 6),
+    vocab=st.integers(2, 9),
+    keep=st.sampled_from([0.1, 0.25, 0.4, 1.0]),
+    ignore_fraction=st.sampled_from([0.0, 0.5, 1.0]),
+    shift_labels=st.booleans(),
+    accumulation=st.sampled_from([1, 3]),
+    counted=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_single_process_value_is_the_ohem_mean_over_accumulation(
-    tmp_path, shift_labels, accumulation
+    batch, length, vocab, keep, ignore_fraction, shift_labels, accumulation, counted, seed
 ):
-    """W = 1: the value is mean(top-M token losses) / G; ignored tokens never count."""
-    gen = torch.Generator().manual_seed(4)
-    logits = torch.randn(3, 6, 11, generator=gen, requires_grad=True)
-    labels = torch.randint(0, 11, (3, 6), generator=gen)
-    labels[0, 2:] = -100
-    args = training_args(tmp_path, gradient_accumulation_steps=accumulation)
-    loss_func = ohem_loss_func(args, keep=0.4, shift_labels=shift_labels)
-    value = loss_func({"logits": logits}, labels, num_items_in_batch=torch.tensor(9))
+    """W = 1: the value is mean(top-M token losses) / G, 0 with no valid token; ignored
+    tokens never count; whether the Trainer counted ``num_items_in_batch`` (it then
+    multiplies by W = 1) changes nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, length, vocab, generator=gen, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, length), generator=gen)
+    labels[torch.rand(batch, length, generator=gen) < ignore_fraction] = -100
+    loss_func = ohem_loss_func(
+        cached_training_args(accumulation), keep=keep, shift_labels=shift_labels
+    )
+    num_items = torch.tensor(int((labels != -100).sum())) if counted else None
+    value = loss_func({"logits": logits}, labels, num_items_in_batch=num_items)
 
     predicted, targets = (logits[:, :-1], labels[:, 1:]) if shift_labels else (logits, labels)
     losses = nn.functional.cross_entropy(
-        predicted.reshape(-1, 11), targets.reshape(-1), reduction="none", ignore_index=-100
+        predicted.reshape(-1, vocab), targets.reshape(-1), reduction="none", ignore_index=-100
     )
     valid = targets.reshape(-1) != -100
-    mask = hardest_mask(losses, valid, {"keep": 0.4})
-    assert int(mask.sum()) == math.ceil(0.4 * int(valid.sum()))
+    mask = hardest_mask(losses, valid, {"keep": keep})
+    assert int(mask.sum()) == (math.ceil(keep * int(valid.sum()) - 1e-9))
     assert loss_func.last.num_valid_global == int(valid.sum())
-    torch.testing.assert_close(value, losses[mask].mean() / accumulation)
+    expected = losses[mask].mean() / accumulation if mask.any() else torch.zeros(())
+    torch.testing.assert_close(value, expected)
+    value.backward()  # connected to the graph even with nothing selected
 
 
 def ranked_bad_output(rank_without_logits: int) -> str:
     """On W ranks: rank ``rank_without_logits`` passes a model output without logits."""
-    import tempfile
-
     import torch.distributed as dist
 
     with tempfile.TemporaryDirectory() as output_dir:
