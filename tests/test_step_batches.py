@@ -584,6 +584,67 @@ def test_bad_input_raises_the_same_error_on_every_rank(bad_input_messages, bad):
         assert f"rank {rank}:" in messages[0], messages[0]
 
 
+def fsdp2_steps_on_rank(sizes: list[int]) -> tuple[list[str], list[torch.Tensor], int]:
+    """FSDP2: two bad inputs, then a good chunked step (3 scoring chunks on rank 0, 1 on
+    rank 1: the forwards gather parameters, so rank 1 pads its scoring pass)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    rank = get_rank()
+    mesh = init_device_mesh("cpu", (len(sizes),))
+    inputs, targets = (rank_slice(t, sizes, rank) for t in classification_batch(12, sum(sizes)))
+    messages = []
+    for kwargs in (
+        {"micro_batch_size": 0 if rank == 1 else 2},
+        {"micro_batch_size": 2, "valid": torch.ones(sizes[rank] + rank, dtype=torch.bool)},
+    ):
+        model = fully_shard(make_mlp(), mesh=mesh)
+        try:
+            ohem_step(
+                model,
+                inputs,
+                targets,
+                nn.CrossEntropyLoss(),
+                HardExampleSelector(keep=0.5),
+                **kwargs,
+            )
+        except DistributedInputError as exc:
+            messages.append(str(exc))
+        else:
+            messages.append("no error")
+    model = fully_shard(make_mlp(), mesh=mesh)
+    out = ohem_step(
+        model,
+        inputs,
+        targets,
+        nn.CrossEntropyLoss(),
+        HardExampleSelector(keep=0.5),
+        micro_batch_size=2,
+    )
+    return messages, [p.grad.full_tensor() for p in model.parameters()], out.num_chunks
+
+
+def test_fsdp2_pads_the_scoring_pass_and_fails_together(ranks):
+    sizes = [6, 2]
+    outputs = ranks.run(2, fsdp2_steps_on_rank, sizes, timeout=TIMEOUT_S)
+    (bad_micro, bad_valid), _, _ = outputs[0]
+    for messages, _, _ in outputs:
+        assert messages == [bad_micro, bad_valid]
+    assert "rank 1: micro_batch_size must be a positive number" in bad_micro, bad_micro
+    assert "rank 1: valid has shape (3,) but the batch holds 2" in bad_valid, bad_valid
+    model = make_mlp()
+    inputs, targets = classification_batch(12, sum(sizes))
+    losses, usable = reference_example_losses(model(inputs), targets)
+    mask = brute_force_top(losses.detach(), usable, reference_count({"keep": 0.5}, 8))
+    losses[mask].mean().backward()
+    most_chunks = max(-(-int(rank_slice(mask, sizes, r).sum()) // 2) for r in range(2))
+    for rank, (_, grads, num_chunks) in enumerate(outputs):
+        assert num_chunks == most_chunks
+        for g, w in zip(grads, [p.grad for p in model.parameters()], strict=True):
+            diff = (g - w).abs().max().item()
+            assert diff <= TOLERANCE, f"rank {rank}: max |grad diff| {diff:.2e}"
+
+
 # -- pure parts ----------------------------------------------------------------------------
 
 
