@@ -145,7 +145,10 @@ def ohem_step(
             ``(outputs, targets) -> losses`` of shape ``(N, ...)``.
         selector: picks the examples; its rule counts valid examples.
         backward: called with each chunk's loss; default ``loss.backward()``. Pass
-            ``accelerator.backward`` or ``engine.backward``.
+            ``accelerator.backward`` or ``engine.backward``. To accumulate several
+            ``ohem_step`` calls (one selection each) instead of ``micro_batch_size``, pass
+            ``lambda loss: (loss / A).backward()`` and run all but the last call under
+            ``model.no_sync()``.
         balance: move the selected examples so every rank trains floor/ceil(M/W).
         score_mode: ``"no_grad_train"`` or ``"eval"`` (module docstring).
         example_score: reduces per-instance losses ``(N, ...)`` to per-example losses
