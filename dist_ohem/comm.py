@@ -8,6 +8,7 @@ the library runs unchanged in a plain single-process script.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import NoReturn
 
 import torch
@@ -61,9 +62,12 @@ def log_rank0(message: str, *args: object, level: int = logging.INFO) -> None:
 
 
 def exchange_rank_rows(
-    row: torch.Tensor,
+    columns: Sequence[int | torch.Tensor],
     error: str | None = None,
     group: dist.ProcessGroup | None = None,
+    *,
+    device: torch.device | None = None,
+    payload: torch.Tensor | None = None,
     listed: int | None = None,
 ) -> tuple[list[list[int]], torch.Tensor]:
     """All-gather one fixed-length int64 row per rank, failing together on any rank's error.
@@ -74,19 +78,31 @@ def exchange_rank_rows(
     collective that the failing rank never joins.
 
     Args:
-        row: 1-D int64 tensor, the same length on every rank.
+        columns: the row's leading entries: Python ints, or 0-dim tensors on ``device``
+            (placed on the device without a host sync).
         error: this rank's error message, or None.
-        listed: how many leading columns to return as Python ints (default all). The
+        device: where the row is built (default: the payload's device, else CPU).
+        payload: optional 1-D tensor appended to the row (cast to int64).
+        listed: how many leading entries to return as Python ints (default all). The
             flag check reads them in the same device-to-host copy: one per call.
 
+    Every rank must send a row of the same length.
+
     Returns:
-        ``(listed_rows, rows)``: the first ``listed`` columns of every rank's row as
-        Python lists (rank order) and the ``(W, len(row))`` int64 tensor, row r from rank r.
+        ``(listed_rows, rows)``: the first ``listed`` entries of every rank's row as
+        Python lists (rank order) and the ``(W, length)`` int64 tensor, row r from rank r.
     """
-    flag = row.new_full((1,), int(error is not None), dtype=torch.int64)
-    flagged = torch.cat([flag, row.to(torch.int64)])
-    rows = all_gather_equal(flagged, group)
-    head = rows[:, : 1 + (row.numel() if listed is None else listed)].tolist()
+    if device is None:
+        device = torch.device("cpu") if payload is None else payload.device
+    host = [int(error is not None)] + [0 if isinstance(c, torch.Tensor) else c for c in columns]
+    row = to_device(host, device)
+    for position, column in enumerate(columns, start=1):
+        if isinstance(column, torch.Tensor):
+            row[position] = column
+    if payload is not None:
+        row = torch.cat([row, payload if payload.dtype == torch.int64 else payload.long()])
+    rows = all_gather_equal(row, group)
+    head = rows[:, : rows.shape[1] if listed is None else 1 + listed].tolist()
     if any(head_row[0] for head_row in head):
         raise_together(error, group)
     return [head_row[1:] for head_row in head], rows[:, 1:]

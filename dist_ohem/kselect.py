@@ -49,6 +49,7 @@ __all__ = [
     "RADIX_BITS",
     "SAMPLE_SIZE",
     "KSelection",
+    "any_nan",
     "bracket_bounds",
     "bracket_select",
     "draw_sample",
@@ -61,10 +62,10 @@ __all__ = [
 #: Bits of the key resolved per radix round: 2^11 bins, 3 rounds for 32-bit keys.
 RADIX_BITS = 11
 #: Keys each rank contributes to the bracket's sample.
-SAMPLE_SIZE = 4096
+SAMPLE_SIZE = 8192
 #: Half-width of the bracket in standard deviations of the sample's rank estimate: the
-#: m-th key falls outside with probability ~1e-4 per call (then: full radix).
-BRACKET_SIGMAS = 4.0
+#: m-th key falls outside with probability ~5e-4 per call (then: full radix).
+BRACKET_SIGMAS = 3.5
 #: Bins of the histogram over the keys inside the bracket.
 BRACKET_BINS = 2048
 #: Keys of the final bin (all ranks) up to which they are gathered; above, radix.
@@ -103,8 +104,8 @@ def select_gathered(keys: torch.Tensor, m: int, rank: int, lengths: list[int]) -
     kth = flat.kthvalue(flat.numel() - m + 1).values
     above = flat > kth
     ties = flat == kth
-    still_needed = m - above.sum()
-    picked = (above | (ties & (ties.cumsum(0) <= still_needed))).view_as(keys)
+    # A tie is picked while the ties before it, itself included, fit in m - #above.
+    picked = (above | (ties & (ties.cumsum(0) + above.sum() <= m))).view_as(keys)
     counts = torch.cat([picked.sum(1), kth.view(1).to(torch.int64)]).tolist()
     return KSelection(picked[rank, : lengths[rank]], counts[:-1], counts[-1])
 
@@ -129,6 +130,8 @@ def gather_select(
 
 def pad_keys(keys: torch.Tensor, candidate: torch.Tensor | None, capacity: int) -> torch.Tensor:
     """``(capacity,)`` keys: non-candidates and the entries past ``len(keys)`` = sentinel."""
+    if candidate is None and keys.numel() == capacity:
+        return keys
     padded = keys.new_full((capacity,), KEY_SENTINEL[keys.dtype])
     if candidate is None:
         padded[: keys.numel()] = keys
@@ -217,8 +220,8 @@ def _hand_out_ties(
     group: dist.ProcessGroup | None,
 ) -> KSelection:
     """Add the first ``still_needed`` ties (global index order) to ``picked``: one all-gather."""
-    counts = torch.stack([picked.sum(), picked.new_full((), ties.numel(), dtype=torch.int64)])
-    rows, _ = comm.exchange_rank_rows(counts, None, group)
+    counts = [picked.sum(), ties.numel()]
+    rows, _ = comm.exchange_rank_rows(counts, None, group, device=picked.device)
     taken, ties_before = [], 0
     for _, num_ties in rows:
         taken.append(max(0, min(num_ties, still_needed - ties_before)))
@@ -254,15 +257,17 @@ def draw_sample(
 ) -> torch.Tensor:
     """``(size,)`` keys (default SAMPLE_SIZE) of a fixed quasi-random sample of the entries.
 
-    Positions ``floor(frac(i * golden ratio) * n)`` for ``n > size`` (spread evenly, no
-    period to alias with image rows), every entry otherwise. Non-candidates and unused
-    slots hold ``KEY_SENTINEL``. A function of ``n`` and ``size`` only.
+    For ``n > size``, one entry per stratum of ``n / size`` consecutive entries, at
+    offset ``frac(i * golden ratio)`` within stratum i: spread evenly, in increasing order
+    (cache-friendly), and without a period that could alias with image rows. Every entry
+    otherwise. Non-candidates and unused slots hold ``KEY_SENTINEL``. A function of ``n``
+    and ``size`` only.
     """
     size = SAMPLE_SIZE if size is None else size
     numel = values.numel()
     if numel > size:
-        positions = torch.arange(size, dtype=torch.float64, device=values.device)
-        positions = ((positions * 0.6180339887498949 + 0.5) % 1.0 * numel).long()
+        strata = torch.arange(size, dtype=torch.float64, device=values.device)
+        positions = ((strata + strata * 0.6180339887498949 % 1.0) * (numel / size)).long()
         sampled = keys_of(values[positions])
         sampled_candidate = None if candidate is None else candidate[positions]
         return pad_keys(sampled, sampled_candidate, size)
@@ -356,14 +361,13 @@ def bracket_select(
     if samples is None:
         samples = comm.all_gather_equal(draw_sample(values, candidate), group)
     low, high = bracket_bounds(samples, lengths, m, num_candidates, extreme_keys(values))
-    at_least_low, inside = _mark_bracket(values, candidate, low, high)
-    inside_keys = keys_of(values[inside])
+    at_least_low, num_at_least_low, inside = _mark_bracket(values, candidate, low, high)
+    inside_keys = keys_of(values.index_select(0, inside))
     bins = _bin_of(inside_keys, low, high)
-    above_high = at_least_low.sum() - inside.numel()
-    histogram = torch.zeros(BRACKET_BINS + 1, dtype=torch.int64, device=values.device)
-    histogram[0] = above_high
-    histogram.index_add_(0, bins + 1, torch.ones_like(bins))
-    rows, _ = comm.exchange_rank_rows(histogram, None, group)
+    above_high = num_at_least_low - inside.numel()
+    histogram = torch.zeros(BRACKET_BINS, dtype=torch.int64, device=values.device)
+    histogram.index_add_(0, bins, torch.ones_like(bins))
+    rows, _ = comm.exchange_rank_rows([above_high], None, group, payload=histogram)
 
     above_per_rank = [row[0] for row in rows]
     bin_totals = [sum(column) for column in zip(*(row[1:] for row in rows), strict=True)]
@@ -406,11 +410,12 @@ def _bin_of(keys: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.
 
 def _mark_bracket(
     values: torch.Tensor, candidate: torch.Tensor | None, low: torch.Tensor, high: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mask of candidates >= low, indices of candidates in [low, high])`` in one pass.
+) -> tuple[torch.Tensor, int | torch.Tensor, torch.Tensor]:
+    """``(mask of candidates >= low, its count, indices of candidates in [low, high])``.
 
     ``low`` and ``high`` are keys; for losses they are compared as the loss values they
-    encode (exactly representable: they are sampled losses or +-inf).
+    encode (exactly representable: they are sampled losses or +-inf). The count is a
+    0-dim tensor on the torch path (no host sync).
     """
     low_value, high_value = (_key_to_value(key, values.dtype) for key in (low, high))
     if _numpy is not None and values.device.type == "cpu" and values.dtype in _NUMPY_DTYPES:
@@ -420,11 +425,23 @@ def _mark_bracket(
         if candidate is not None:
             at_least_low &= candidate.numpy()
         inside = _numpy.flatnonzero(at_least_low & (array <= bounds[1]))
-        return torch.from_numpy(at_least_low), torch.from_numpy(inside)
+        count = int(_numpy.count_nonzero(at_least_low))
+        return torch.from_numpy(at_least_low), count, torch.from_numpy(inside)
     at_least_low = values >= low_value
     if candidate is not None:
         at_least_low &= candidate
-    return at_least_low, (at_least_low & (values <= high_value)).nonzero().squeeze(1)
+    inside = (at_least_low & (values <= high_value)).nonzero().squeeze(1)
+    return at_least_low, torch.count_nonzero(at_least_low), inside
+
+
+def any_nan(values: torch.Tensor) -> bool | torch.Tensor:
+    """Whether ``values`` (non-empty) holds a NaN: one reduction (max propagates NaN).
+
+    A Python bool on the numpy path (CPU), else a 0-dim bool tensor (no host sync).
+    """
+    if _numpy is not None and values.device.type == "cpu" and values.dtype in _NUMPY_DTYPES:
+        return bool(_numpy.isnan(values.numpy().max()))
+    return torch.isnan(values.amax())
 
 
 def _key_to_value(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -81,14 +81,18 @@ def hardness_key(losses: torch.Tensor) -> torch.Tensor:
     """
     if not losses.is_floating_point():
         raise TypeError(f"losses must be a floating tensor, got {losses.dtype}")
-    if losses.dtype != torch.float64:
+    if losses.dtype not in _INT_FOR_FLOAT:
         losses = losses.float()
     int_dtype = _INT_FOR_FLOAT[losses.dtype]
-    # "+ 0.0" turns -0.0 into +0.0 so that both share one key.
-    bits = (losses + 0.0).contiguous().view(int_dtype)
+    # "+ 0.0" turns -0.0 into +0.0 so that both share one key (and makes a fresh copy).
+    bits = (losses + 0.0).view(int_dtype)
     # Non-negative floats already order as signed ints; negative floats order in
-    # reverse, so flip all bits but the sign to reverse them back.
-    return torch.where(bits >= 0, bits, bits ^ _INT_MAX[int_dtype])
+    # reverse, so flip all bits but the sign to reverse them back: the arithmetic shift
+    # gives -1 for negatives, masked to INT_MAX, 0 otherwise.
+    flip = bits >> (torch.iinfo(int_dtype).bits - 1)
+    flip &= _INT_MAX[int_dtype]
+    bits ^= flip
+    return bits
 
 
 def key_to_loss(key: int, loss_dtype: torch.dtype) -> float:

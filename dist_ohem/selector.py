@@ -268,10 +268,14 @@ class HardExampleSelector:
         if batch is None:
             batch = _empty_batch(losses)
         payload = self._payload
-        sent = self._row(batch, caller_config)
-        if payload is not None:
-            sent = torch.cat([sent, self._payload_words(batch, payload)])
-        rows, gathered = comm.exchange_rank_rows(sent, error, self.group, listed=_HEADER)
+        rows, gathered = comm.exchange_rank_rows(
+            self._row(batch, caller_config),
+            error,
+            self.group,
+            device=batch.losses.device,
+            payload=None if payload is None else self._payload_words(batch, payload),
+            listed=_HEADER,
+        )
         self._check_ranks_agree(rows)
         self._check_nan(rows, batch)
         rank = comm.get_rank(self.group)
@@ -348,7 +352,7 @@ class HardExampleSelector:
             # A flag, not a count: NaN anywhere makes every rank raise after the exchange
             # (which counts them then). amax propagates NaN, one cheap reduction.
             if usable is None:
-                batch.num_nan = torch.isnan(flat.amax()) if flat.numel() else 0
+                batch.num_nan = kselect.any_nan(flat) if flat.numel() else 0
             else:
                 batch.num_nan = (torch.isnan(flat) & usable).any()
         else:
@@ -372,8 +376,8 @@ class HardExampleSelector:
                 batch.min_above_key = batch.keys.to(torch.int64).where(batch.above, _NO_KEY).min()
         return batch
 
-    def _row(self, batch: _LocalBatch, caller_config: object) -> torch.Tensor:
-        """This rank's header row, int64 on the losses' device (no host-device sync)."""
+    def _row(self, batch: _LocalBatch, caller_config: object) -> list[int | torch.Tensor]:
+        """This rank's header row, in column order (device counts stay 0-dim tensors)."""
         fingerprint = f"{self._config_repr}|{caller_config!r}".encode()
         columns = {
             _NUMEL: batch.losses.numel(),
@@ -387,12 +391,7 @@ class HardExampleSelector:
             _KEY_BITS: torch.iinfo(kselect.key_dtype_of(batch.losses)).bits,
             _CALLS: self.num_calls,
         }
-        host = [0 if isinstance(v, torch.Tensor) else v for _, v in sorted(columns.items())]
-        row = comm.to_device(host, batch.losses.device)
-        for column, value in columns.items():
-            if isinstance(value, torch.Tensor):
-                row[column] = value
-        return row
+        return [columns[column] for column in range(_HEADER)]
 
     def _payload_words(self, batch: _LocalBatch, payload: _Payload) -> torch.Tensor:
         """``payload.words`` int64 words: this rank's keys or sample, zeros when unusable."""
@@ -552,7 +551,7 @@ class HardExampleSelector:
             local = batch.losses.new_full((1,), _NO_KEY, dtype=torch.int64)
         else:
             local = batch.keys.to(torch.int64).where(batch.candidate_mask(), _NO_KEY).amin()
-        rows, _ = comm.exchange_rank_rows(local.view(1), None, self.group)
+        rows, _ = comm.exchange_rank_rows([local], None, self.group, device=local.device)
         return min(row[0] for row in rows)
 
 
