@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -53,7 +55,11 @@ def ddp_grads_on_rank(task: str, seed: int, sizes: list[int], kwargs: dict):
     ohem = OHEMLoss(criterion_for(task), **kwargs)
     loss = ohem(ddp(inputs), targets, positive=targets > 0)
     loss.backward()
-    return [p.grad.clone() for p in model.parameters()], ohem.last.num_selected_local
+    return (
+        [p.grad.clone() for p in model.parameters()],
+        ohem.last.num_selected_local,
+        ohem.last_mean_loss,
+    )
 
 
 def reference_grads(task: str, seed: int, sizes: list[int], kwargs: dict):
@@ -65,15 +71,18 @@ def reference_grads(task: str, seed: int, sizes: list[int], kwargs: dict):
         model(inputs), targets, ignore_index=ignore, reduction="none"
     )
     mask = reference_mask(kwargs, sizes, losses.detach(), targets != ignore, targets > 0)
-    (losses[mask].sum() / max(int(mask.sum()), 1)).backward()
-    return [p.grad for p in model.parameters()], mask
+    mean = losses[mask].sum() / max(int(mask.sum()), 1)
+    mean.backward()
+    return [p.grad for p in model.parameters()], mask, float(mean.detach())
 
 
 def assert_parity(ranks, world_size: int, task: str, sizes: list[int], kwargs: dict, seed=3):
     outputs = ranks.run(world_size, ddp_grads_on_rank, task, seed, sizes, kwargs)
-    expected, mask = reference_grads(task, seed, sizes, kwargs)
-    for rank, (grads, num_local) in enumerate(outputs):
+    expected, mask, mean = reference_grads(task, seed, sizes, kwargs)
+    for rank, (grads, num_local, last_mean_loss) in enumerate(outputs):
         assert num_local == int(rank_slice(mask, sizes, rank).sum())
+        # The logged global mean: the same on every rank, 0.0 when nothing is selected.
+        assert math.isclose(last_mean_loss, mean, rel_tol=1e-6, abs_tol=1e-7), rank
         for got, want in zip(grads, expected, strict=True):
             diff = (got - want).abs().max().item()
             assert diff <= TOLERANCE, f"rank {rank}: max |grad diff| {diff:.2e} for {kwargs}"
