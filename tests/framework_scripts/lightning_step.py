@@ -36,7 +36,7 @@ from tests.framework_scripts.parity_cases import (
     make_model,
     run_cases,
     runs_for,
-    step,
+    train_micro_batch,
 )
 
 RUNS = (*runs_for("lightning", "mask"), *runs_for("lightning", "two_pass"))
@@ -68,13 +68,11 @@ class OHEMModule(L.LightningModule):
             self.outputs.append(MaskStep(self.criterion.last))
             mean_loss = self.criterion.last_mean_loss
         else:
-            out = step(
-                self,
-                batch,
-                self.run.case,
-                self.selector,
-                lambda loss: self.manual_backward(loss / accumulation),
-            )
+
+            def backward(loss: torch.Tensor) -> None:
+                self.manual_backward(loss / accumulation)
+
+            out = train_micro_batch(self, batch, self.run, self.selector, backward)
             self.outputs.append(out)
             loss, mean_loss = out.loss, out.mean_loss
             if batch_idx + 1 == accumulation:

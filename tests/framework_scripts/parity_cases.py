@@ -1,12 +1,15 @@
 """Cases, data and single-process references shared by the framework parity scripts.
 
-``accelerate_step.py`` and ``deepspeed_step.py`` run under a real launcher on 2 CPU
-ranks. Each trains every case of :data:`CASES` with :func:`dist_ohem.ohem_step` and one
-plain SGD step (no momentum, no weight decay, no clipping), so that the parameters after
-the step are ``p - LR * g`` with ``g`` the gradient the framework averaged over ranks.
-:func:`run_cases` compares them with the update a single process makes on the
-concatenated batch and rank 0 writes one JSON record per run (case x framework setup),
-which ``tests/test_step_frameworks.py`` checks.
+``accelerate_step.py``, ``deepspeed_step.py``, ``torch_step.py`` (FSDP2, torch.compile)
+and ``lightning_step.py`` run under a real launcher on 2 CPU ranks. Each trains cases of
+:data:`CASES` in two-pass (:func:`dist_ohem.ohem_step`) or mask mode
+(:class:`dist_ohem.OHEMLoss`) and one plain SGD step (no momentum, no weight decay, no
+clipping), so that the parameters after the step are ``p - LR * g`` with ``g`` the
+gradient the framework averaged over ranks. :func:`run_cases` compares them with the
+update a single process makes on the concatenated batch (selected by an independent
+sort, :func:`hardest_mask`) and rank 0 writes one JSON record per run (case x framework
+setup), which the ``tests/test_step_frameworks.py`` and ``tests/test_integration_*.py``
+modules check.
 """
 
 from __future__ import annotations
@@ -140,27 +143,6 @@ def local_micro_batches(case: Case, rank: int) -> Iterator[tuple[torch.Tensor, t
         yield rank_slice(inputs, list(sizes), rank), rank_slice(targets, list(sizes), rank)
 
 
-def step(
-    model: nn.Module,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    case: Case,
-    selector: HardExampleSelector,
-    backward: Callable[[torch.Tensor], object],
-) -> StepOutput:
-    """:func:`ohem_step` on one local micro-batch with the case's settings."""
-    inputs, targets = batch
-    return ohem_step(
-        model,
-        inputs,
-        targets,
-        CRITERION,
-        selector,
-        backward=backward,
-        balance=case.balance,
-        micro_batch_size=case.micro_batch_size,
-    )
-
-
 @dataclass(frozen=True)
 class MaskStep:
     """What one mask-mode micro-step did, with the fields of :class:`StepOutput` that
@@ -193,11 +175,21 @@ def train_micro_batch(
     selector: HardExampleSelector,
     backward: Callable[[torch.Tensor], object],
 ) -> StepOutput | MaskStep:
-    """One micro-batch in the run's mode: :func:`ohem_step`, or :class:`OHEMLoss` on the
-    model's output and ``backward``."""
+    """One micro-batch in the run's mode: :func:`ohem_step` with the case's settings, or
+    :class:`OHEMLoss` on the model's output and ``backward``."""
     if run.mode == "mask":
         return mask_step(model, batch, OHEMLoss(CRITERION, selector=selector), backward)
-    return step(model, batch, run.case, selector, backward)
+    inputs, targets = batch
+    return ohem_step(
+        model,
+        inputs,
+        targets,
+        CRITERION,
+        selector,
+        backward=backward,
+        balance=run.case.balance,
+        micro_batch_size=run.case.micro_batch_size,
+    )
 
 
 def num_to_select(rule: dict, num_valid: int) -> int:
