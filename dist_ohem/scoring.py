@@ -57,8 +57,8 @@ class ExampleLosses:
                 raise ValueError(
                     f"with ignore_index={self.ignore_index} the per-instance losses must have "
                     f"the targets' shape {tuple(kept.shape)}, got {tuple(losses.shape)}; "
-                    "pass example_score= to reduce them yourself, or ignore_index to a "
-                    "criterion whose losses line up with the targets"
+                    "pass example_score= to reduce them to (N,) yourself (validity still "
+                    "follows ignore_index)"
                 )
             example_losses = masked_mean_per_example(losses, kept)
         num_examples = batch_size(targets)
