@@ -176,6 +176,34 @@ def test_output_without_logits_on_one_rank_fails_on_every_rank(ranks):
     assert messages[0].startswith("rank 1: the model output has no logits")
 
 
+def ranked_trainer_scaling(average_tokens: bool) -> float:
+    """On W ranks: this rank's value when the Trainer counted ``num_items_in_batch``
+    over the value when it did not (it multiplies the former by W when averaging)."""
+    import torch.distributed as dist
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(
+            output_dir=output_dir,
+            use_cpu=True,
+            report_to=[],
+            average_tokens_across_devices=average_tokens,
+        )
+    loss_func = ohem_loss_func(args, top_k=3)
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    logits = torch.randn(2, 5, 7, generator=gen)
+    labels = torch.randint(0, 7, (2, 5), generator=gen)
+    counted = loss_func({"logits": logits}, labels, num_items_in_batch=torch.tensor(16))
+    uncounted = loss_func({"logits": logits}, labels, num_items_in_batch=None)
+    return float(uncounted / counted) if loss_func.last.num_selected_local else math.nan
+
+
+@pytest.mark.parametrize(("average_tokens", "ratio"), [(True, 2.0), (False, 1.0)])
+def test_returned_value_undoes_the_trainer_scale_on_every_rank(ranks, average_tokens, ratio):
+    ratios = ranks.run(2, ranked_trainer_scaling, average_tokens, timeout=120)
+    assert any(not math.isnan(r) for r in ratios)
+    assert all(math.isnan(r) or r == pytest.approx(ratio) for r in ratios)
+
+
 def test_import_dist_ohem_does_not_import_the_frameworks():
     frameworks = ("transformers", "lightning", "deepspeed", "accelerate")
     code = f"import sys, dist_ohem; print([m for m in {frameworks!r} if m in sys.modules])"

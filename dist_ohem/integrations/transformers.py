@@ -63,7 +63,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'dist_ohem[transformers]'"
     ) from exc
 
-from dist_ohem import OHEMLoss, SelectionResult
+from dist_ohem import OHEMLoss, SelectionResult, comm
 
 __all__ = ["TrainerOHEMLoss", "ohem_loss_func"]
 
@@ -147,9 +147,9 @@ class TrainerOHEMLoss:
 
     def _trainer_scale(self, num_items_in_batch: torch.Tensor | int | None) -> int:
         """The factor ``Trainer.compute_loss`` multiplies the returned loss by (lines 2207-2215)."""
-        args = self.training_args
-        if args.average_tokens_across_devices and num_items_in_batch is not None:
-            return args.world_size
+        if self.training_args.average_tokens_across_devices and num_items_in_batch is not None:
+            # accelerator.num_processes: every process of the default group (no TP here).
+            return comm.get_world_size()
         return 1
 
     def _predictions(
