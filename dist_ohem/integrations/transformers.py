@@ -41,10 +41,11 @@ the step divided by ``num_items_in_batch``. In transformers 5.24
 The function returned here undoes both. What is logged: ``Trainer._maybe_log_save_evaluate``
 (line 2257) logs ``nested_gather(tr_loss).mean()`` over ranks, divided by the optimizer
 steps since the last log, where ``tr_loss`` sums the returned (and rescaled) values of the
-micro-batches. Each rank returns its share ``(1 / (G M)) * sum of its selected token
-losses * W``; their mean over ranks is exactly the OHEM mean over the selected tokens of
-the micro-batch divided by G, so the logged ``loss`` is the true global OHEM objective
-(below), averaged over the logged steps. Nothing else is needed for correct logging.
+micro-batches. After the Trainer's rescaling each rank's value is its share
+``(W / (G M)) * sum of its selected token losses``; their mean over ranks is exactly the
+OHEM mean over the selected tokens of the micro-batch divided by G, so the logged
+``loss`` is the true global OHEM objective (below), averaged over the logged steps.
+Nothing else is needed for correct logging.
 """
 
 from __future__ import annotations
