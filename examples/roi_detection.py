@@ -72,6 +72,7 @@ class Config:
     rois_per_image: int = 64  # B: RoIs back-propagated per image
     iou_threshold: float = 0.7  # dedup_rois before the selection (OHEM scopes)
     lr: float = 3e-3  # AdamW, cosine decay to lr / 20
+    warmup_steps: int = 50  # linear warm-up of the learning rate
     test_images: int = 100
     eval_every: int = 100  # also at the end
     plot: bool = True
@@ -367,7 +368,11 @@ def train(cfg: Config) -> dict | None:
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.max_steps))
+        optimizer,
+        lambda step: (
+            min(1.0, (step + 1) / cfg.warmup_steps)
+            * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.max_steps)))
+        ),
     )
     selector = RoISelector(
         cfg.rois_per_image,
