@@ -62,7 +62,7 @@ __all__ = [
 #: Bits of the key resolved per radix round: 2^11 bins, 3 rounds for 32-bit keys.
 RADIX_BITS = 11
 #: Keys each rank contributes to the bracket's sample.
-SAMPLE_SIZE = 8192
+SAMPLE_SIZE = 16384
 #: Half-width of the bracket in standard deviations of the sample's rank estimate: the
 #: m-th key falls outside with probability ~5e-4 per call (then: full radix).
 BRACKET_SIGMAS = 3.5
