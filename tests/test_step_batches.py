@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dist_ohem import DistributedInputError, HardExampleSelector, OHEMLoss, ohem_step
 from dist_ohem.batches import chunk_bounds
 from dist_ohem.comm import get_rank
-from dist_ohem.scoring import masked_mean_per_example
+from dist_ohem.loss import per_instance_criterion
+from dist_ohem.scoring import ExampleLosses, masked_mean_per_example
 from tests.parity import (
     IGNORE,
     BufferedMLP,
@@ -670,6 +671,32 @@ def test_masked_mean_is_the_mean_over_kept_positions(rows):
             assert math.isnan(got[i])
         else:
             assert got[i].item() == pytest.approx(want)
+
+
+@given(st.integers(0, 6), st.integers(1, 5), st.integers(0, 2**31 - 1), st.booleans())
+def test_example_losses_mean_over_valid_tokens(n, length, seed, custom):
+    """(N, T) token losses: the mean over the tokens whose target is not IGNORE, by loops;
+    an example without one is flagged. A custom example_score sees every position and
+    still gets the flags."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, 3, length, generator=gen)
+    targets = torch.randint(0, 3, (n, length), generator=gen)
+    targets[torch.rand(n, length, generator=gen) < 0.4] = IGNORE
+    score = (lambda losses: losses.sum(1)) if custom else None
+    reduce = ExampleLosses(per_instance_criterion(nn.CrossEntropyLoss()), score, IGNORE)
+    got, has_position = reduce(logits, targets)
+    for i in range(n):
+        token_losses = [
+            -torch.log_softmax(logits[i, :, t], 0)[targets[i, t]].item()
+            for t in range(length)
+            if targets[i, t] != IGNORE
+        ]
+        assert bool(has_position[i]) == bool(token_losses)
+        if custom:  # ignored tokens have loss 0 in CrossEntropyLoss
+            want = sum(token_losses)
+        else:
+            want = sum(token_losses) / len(token_losses) if token_losses else 0.0
+        assert got[i].item() == pytest.approx(want, abs=1e-5)
 
 
 @given(st.integers(0, 40), st.integers(1, 9), st.integers(0, 6))
