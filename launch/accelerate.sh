@@ -5,6 +5,7 @@
 # On CPU this sets ACCELERATE_USE_CPU=1 and keeps --multi_gpu: that pair gives gloo ranks
 # that talk to each other (--cpu or a MULTI_CPU config would not; see README).
 . "$(dirname "$0")/common.sh"
+require_fixed_nodes
 exec accelerate launch --multi_gpu --num_processes "$((NPROC * NNODES))" \
     --num_machines "$NNODES" --machine_rank "$NODE_RANK" \
     --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \

@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ from dist_ohem import HardExampleSelector
 from dist_ohem.step import unwrap_model
 from launch.config import HARMLESS_ON_RESUME, Config, ConfigError
 from launch.data import data_position
-from launch.engines import Engine
+from launch.engines import Engine, all_reduce_sum
 from launch.tasks import Task
 
 log = logging.getLogger("train")
@@ -121,17 +123,12 @@ def save_checkpoint(
         dist.barrier()  # nobody runs ahead while the commit is being written
 
 
-def load_checkpoint(
-    path: Path,
-    cfg: Config,
-    eng: Engine,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    selector: HardExampleSelector,
-) -> int:
-    """Restore the state of :func:`save_checkpoint` on every rank; returns its step."""
+def read_checkpoint(path: Path, cfg: Config) -> dict:
+    """The trainer state that :func:`save_checkpoint` wrote to ``path``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        step = state["step"]
+        if "step" not in state:
+            raise KeyError("it holds no 'step'")
     except Exception as exc:  # any unreadable file gets the same advice
         older = [p for p in committed_checkpoints(cfg) if p != path]
         fallback = f"resume={older[-1]}" if older else "resume=false"
@@ -139,19 +136,67 @@ def load_checkpoint(
             f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); it is truncated "
             f"or corrupt. Delete it, or start from another: {fallback}"
         ) from exc
-    if state["world_size"] != eng.world_size:
-        raise ConfigError(
-            f"{path} was written by {state['world_size']} ranks, this run has "
-            f"{eng.world_size}: the data order depends on it; resume with "
-            f"{state['world_size']} ranks"
-        )
+    return state
+
+
+def check_resumable(path: Path, state: dict, cfg: Config, world_size: int) -> None:
+    """Raise unless ``state`` (read from ``path``) continues the training of ``cfg`` on
+    ``world_size`` ranks of ``engine``; warn when config keys changed.
+
+    At the world size that wrote it, any checkpoint does. At another, only when the
+    global batch of every step is the same at both sizes (``global_batch_size``, equal in
+    both runs). DDP and Accelerate save whole copies of model and optimizer, DeepSpeed
+    ZeRO-0 too; ZeRO shards are converted (:func:`convert_to_universal`). Called before
+    any process group exists, so that every rank fails alike and at once.
+    """
     changed = [k for k, v in state["config"].items() if getattr(cfg, k, v) != v]
     changed = [k for k in changed if k not in HARMLESS_ON_RESUME]
     if changed:
         log.warning("resuming with changed config keys %s: not an exact continuation", changed)
+    written = state["world_size"]
+    if written == world_size:
+        return
+    if not cfg.global_batch_size:
+        raise ConfigError(
+            f"{path} was written by {written} ranks, this run has {world_size}: with "
+            f"batch_size (per rank) the examples of a step depend on the world size. Resume "
+            f"with {written} ranks, or train with global_batch_size=N instead of batch_size "
+            "(N examples a step over all ranks, the same at any world size); such a run "
+            "resumes at any world size"
+        )
+    before = state["config"].get("global_batch_size", 0)
+    if before != cfg.global_batch_size:
+        then = f"global_batch_size={before}" if before else "batch_size (per rank)"
+        raise ConfigError(
+            f"{path} was written by {written} ranks with {then}; resuming at {world_size} "
+            f"ranks with global_batch_size={cfg.global_batch_size} would change the examples "
+            f"of every step. Resume with {written} ranks"
+            + (f", or with global_batch_size={before}" if before else "")
+        )
+
+
+def restore_checkpoint(
+    path: Path,
+    state: dict,
+    cfg: Config,
+    eng: Engine,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    selector: HardExampleSelector,
+) -> int:
+    """Restore ``state`` (read from ``path``, checked by :func:`check_resumable`) on every
+    rank; returns its step.
+
+    At another world size each rank's random stream (dropout) is derived anew from
+    (seed, step, rank): the saved streams were other ranks'.
+    """
+    step = state["step"]
+    resized = state["world_size"] != eng.world_size
     if eng.name == "deepspeed":
+        tag = path.stem
+        if resized and has_zero_shards(path):
+            tag = convert_to_universal(path, eng)
         loaded, _ = eng.model.load_checkpoint(
-            str(path.parent), tag=path.stem, load_lr_scheduler_states=False
+            str(path.parent), tag=tag, load_lr_scheduler_states=False
         )
         if loaded is None:
             raise CheckpointError(
@@ -164,12 +209,61 @@ def load_checkpoint(
         eng.optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     selector.num_calls = state["selector_calls"]
-    cpu_rng, cuda_rng = state["rng"][eng.rank]
-    torch.set_rng_state(cpu_rng)
-    if cuda_rng is not None:
-        torch.cuda.set_rng_state(cuda_rng, eng.device)
-    log.info("resumed from %s (step %d)", path, step)
+    if resized:
+        torch.manual_seed(rank_stream_seed(cfg.seed, step, eng.rank))
+    else:
+        cpu_rng, cuda_rng = state["rng"][eng.rank]
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, eng.device)
+    resize_note = f", written by {state['world_size']} ranks" if resized else ""
+    log.info("resumed from %s (step %d)%s", path, step, resize_note)
     return step
+
+
+def has_zero_shards(path: Path) -> bool:
+    """Whether the DeepSpeed checkpoint that ``path`` commits splits its optimizer state
+    into one shard per rank (ZeRO stage >= 1; stage 0 saves it whole)."""
+    return any((path.parent / path.stem).glob("*optim_states.pt"))
+
+
+def needs_universal_load(state: dict, path: Path, engine: str, world_size: int) -> bool:
+    """Whether resuming ``state`` (of ``path``) goes through DeepSpeed's universal
+    checkpoint: ZeRO shards written by another number of ranks."""
+    resized = state["world_size"] != world_size
+    return engine == "deepspeed" and resized and has_zero_shards(path)
+
+
+def convert_to_universal(path: Path, eng: Engine) -> str:
+    """Rank 0 converts the ZeRO shards of ``path`` into DeepSpeed's universal checkpoint
+    (one file per parameter and optimizer state, loadable at any world size) with
+    ``deepspeed.checkpoint.ds_to_universal``; returns its tag (folder name). Every rank
+    raises the same ``CheckpointError`` when the conversion fails."""
+    tag = f"{path.stem}.universal"  # removed with its checkpoint (save_checkpoint)
+    error = ""
+    if eng.rank == 0:
+        shutil.rmtree(path.parent / tag, ignore_errors=True)
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+        command += ["--input_folder", str(path.parent / path.stem)]
+        command += ["--output_folder", str(path.parent / tag), "--inject_missing_state"]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            error = (done.stdout + done.stderr).strip()[-2000:] or f"exit {done.returncode}"
+    failed = all_reduce_sum(torch.tensor([float(bool(error))]), eng.device)[0]
+    if failed:
+        raise CheckpointError(
+            f"{path} holds ZeRO shards of another world size, and DeepSpeed's conversion to "
+            f"a universal checkpoint failed ({error or 'see rank 0'}). Resume with the world "
+            "size that wrote it, or train with ZeRO stage 0 (configs/deepspeed/zero0.json), "
+            "whose checkpoints load at any world size"
+        )
+    return tag
+
+
+def rank_stream_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of ``rank``'s own random stream (dropout) from ``step`` on: at the start
+    (step 0) and after a resume at another world size."""
+    return seed + 1 + rank + 1_000_003 * step
 
 
 def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

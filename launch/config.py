@@ -27,6 +27,7 @@ class Config:
     # optimization: AdamW, cosine decay from lr to min_lr over max_steps
     max_steps: int = 600
     batch_size: int = 128  # per rank: K = batch_size * world size
+    global_batch_size: int = 0  # every rank's examples of a step together, the same at any W
     lr: float = 2e-3
     min_lr: float = 1e-4
     weight_decay: float = 0.0
@@ -100,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         if not equals:
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like key=value")
         values[key] = coerce(key, value, f"override {arg!r}")
+    if values.get("global_batch_size") and "batch_size" not in values:
+        values["batch_size"] = 0  # the per-rank default gives way to an explicit global size
     cfg = Config(**values)
     check_config(cfg)
     return cfg
@@ -153,9 +156,22 @@ def check_config(cfg: Config) -> None:
     for key, choices in CHOICES.items():
         if getattr(cfg, key) not in choices:
             raise ConfigError(f"{key} must be one of {choices}, got {getattr(cfg, key)!r}")
-    for key in ("batch_size", "max_steps", "eval_every", "log_every", "checkpoint_every"):
+    for key in ("max_steps", "eval_every", "log_every", "checkpoint_every"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.global_batch_size < 0:
+        raise ConfigError(f"global_batch_size must be >= 0 (0: off), got {cfg.global_batch_size}")
+    if cfg.global_batch_size and cfg.batch_size:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} and global_batch_size={cfg.global_batch_size} are "
+            "both set; keep one: global_batch_size counts the examples of a step over all "
+            "ranks (the same data at any world size), batch_size counts them per rank. "
+            "batch_size=0 drops a batch_size that a config file sets"
+        )
+    if not cfg.global_batch_size and cfg.batch_size < 1:
+        raise ConfigError(
+            f"batch_size must be >= 1 (or set global_batch_size), got {cfg.batch_size}"
+        )
     if cfg.keep_checkpoints < 1:
         raise ConfigError(f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     if cfg.timeout_s <= 0:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from launch.config import Config, ConfigError
+from launch.data import examples_per_step
 
 
 def detect_launcher(argv: list[str]) -> str:
@@ -63,17 +64,36 @@ class Engine:
             dist.destroy_process_group()
 
 
+def engine_name(cfg: Config, launcher: str) -> str:
+    """The engine of the run: ``cfg.engine``, or with "auto" the launcher's."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    if launcher == "deepspeed" or cfg.deepspeed_config:
+        return "deepspeed"
+    return "accelerate" if launcher == "accelerate" else "ddp"
+
+
+def launcher_world_size() -> int:
+    """The world size the launcher announces (``WORLD_SIZE``; 1 without a launcher), known
+    before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup_engine(
-    cfg: Config, launcher: str, model: nn.Module, optimizer: torch.optim.Optimizer
+    cfg: Config,
+    launcher: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    load_universal: bool = False,
 ) -> Engine:
-    """Join the process group the launcher describes (env vars) and wrap the model."""
+    """Join the process group the launcher describes (env vars) and wrap the model.
+
+    ``load_universal``: DeepSpeed is to load a universal checkpoint (ZeRO shards of
+    another world size, converted)."""
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     backend = "nccl" if use_cuda else "gloo"
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
-    engine = cfg.engine
-    if engine == "auto":
-        deepspeed = launcher == "deepspeed" or cfg.deepspeed_config
-        engine = "deepspeed" if deepspeed else "accelerate" if launcher == "accelerate" else "ddp"
+    engine = engine_name(cfg, launcher)
     if engine == "accelerate":
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
@@ -110,7 +130,7 @@ def setup_engine(
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
         ds_engine, optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_settings(cfg)
+            model=model, optimizer=optimizer, config=deepspeed_settings(cfg, load_universal)
         )
         return Engine(
             engine,
@@ -145,20 +165,23 @@ def setup_engine(
 def init_process_group(backend: str, timeout: datetime.timedelta) -> None:
     """``init_process_group`` from the env:// variables, under a fresh store prefix for
     each torchrun restart: the restarted ranks reuse the store of the failed attempt, and
-    without the prefix they would read the dead ranks' addresses and fail to connect."""
+    without the prefix they would read the dead ranks' addresses and fail to connect.
+    The world size is part of the prefix because an elastic job that grows restarts its
+    workers without counting a restart."""
     store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(
         backend,
-        store=dist.PrefixStore(f"attempt_{attempt}", store),
+        store=dist.PrefixStore(f"attempt_{attempt}_of_{world_size}", store),
         rank=rank,
         world_size=world_size,
         timeout=timeout,
     )
 
 
-def deepspeed_settings(cfg: Config) -> dict[str, object]:
-    """The DeepSpeed config: ``cfg.deepspeed_config`` (or ``zero_stage``) plus the batch.
+def deepspeed_settings(cfg: Config, load_universal: bool = False) -> dict[str, object]:
+    """The DeepSpeed config: ``cfg.deepspeed_config`` (or ``zero_stage``) plus the batch
+    (and ``checkpoint.load_universal`` when asked).
 
     The batch size, optimizer and schedule come from the train config; a JSON that sets
     them differently is an error rather than a silent override.
@@ -174,18 +197,24 @@ def deepspeed_settings(cfg: Config) -> dict[str, object]:
                 f"{cfg.deepspeed_config} defines {section!r}; remove it: train.py builds AdamW "
                 "and its cosine schedule from lr, min_lr and weight_decay"
             )
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launcher_world_size()
+    examples = examples_per_step(cfg, world_size)
+    # DeepSpeed sizes only its own data loader (unused here) by these; with an uneven
+    # global_batch_size the micro batch is the largest rank's share.
+    micro_batch = -(-examples // world_size)
     required = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
-        "train_batch_size": cfg.batch_size * world_size,
+        "train_batch_size": micro_batch * world_size,
     }
     for key, value in required.items():
         if settings.setdefault(key, value) != value:
             raise ConfigError(
-                f"{cfg.deepspeed_config} sets {key}={settings[key]}, but batch_size="
-                f"{cfg.batch_size} on {world_size} ranks needs {value}; remove the key"
+                f"{cfg.deepspeed_config} sets {key}={settings[key]}, but {examples} examples "
+                f"a step on {world_size} ranks need {value}; remove the key"
             )
+    if load_universal:
+        settings["checkpoint"] = {**settings.get("checkpoint", {}), "load_universal": True}
     settings.setdefault("zero_allow_untested_optimizer", True)  # a torch AdamW under ZeRO
     settings.setdefault("gradient_clipping", 0.0)  # DeepSpeed clips to 1.0 unless told
     settings.setdefault("steps_per_print", 10**9)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from dist_ohem import SelectionResult
 from launch.config import Config
+from launch.data import examples_per_step
 from launch.engines import Engine
 from launch.tasks import Task
 
@@ -30,12 +31,15 @@ def train_record(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     eng: Engine,
     selection: SelectionResult,
+    mean_loss: float,
     stats: list[float],
     phase_s: dict[str, float],
 ) -> dict[str, object]:
     """One JSONL line for an optimizer step: global loss and selection (DESIGN.md §8).
 
-    ``loss`` is the mean loss of the selected examples (before the step);
+    ``stats``: the all-reduced [stop flags, hard examples in the batch, hard examples
+    selected, examples trained per rank (W), step seconds per rank (W)].
+    ``loss`` is the mean loss of the selected examples over all ranks (before the step);
     ``trained_per_rank`` differs from ``selected_per_rank`` only with ``balance``;
     ``hard_*`` count the task's hard groups in the batch and in the selection;
     ``phase_s`` are rank 0's seconds per phase, ``step_s_max`` the slowest rank's step.
@@ -44,21 +48,21 @@ def train_record(
     return {
         "kind": "train",
         "step": step,
+        "world_size": world,
         "lr": scheduler.get_last_lr()[0],  # the lr of the next step
-        # Each rank back-propagates its share (W/M) * sum: the global mean is sum / W.
-        "loss": stats[0] / world,
+        "loss": mean_loss,
         "num_valid_global": selection.num_valid_global,
         "num_selected_global": selection.num_selected_global,
         "selected_per_rank": list(selection.selected_per_rank),
-        "trained_per_rank": [int(n) for n in stats[4 : 4 + world]],
+        "trained_per_rank": [int(n) for n in stats[3 : 3 + world]],
         "threshold": None if math.isnan(selection.threshold) else selection.threshold,
         "strategy": selection.strategy,
         "scope": selection.scope,
-        "hard_in_batch": int(stats[2]),
-        "hard_selected": int(stats[3]),
+        "hard_in_batch": int(stats[1]),
+        "hard_selected": int(stats[2]),
         "phase_s": phase_s,
-        "step_s": stats[4 + world],
-        "step_s_max": max(stats[4 + world :]),
+        "step_s": stats[3 + world],
+        "step_s_max": max(stats[3 + world :]),
     }
 
 
@@ -134,12 +138,20 @@ def summarize(jsonl: Path, cfg: Config, task: Task, launcher: str, eng: Engine) 
 
     Throughput counts the forward/backward/optimizer time of the steps (the slowest
     rank's), not evaluation or checkpoints; over every launch of a resumed run.
+    ``world_size`` is this launch's; ``world_size_from_step`` lists [first step, W] for
+    each world size the run trained at, in order.
     """
     train, evals = read_metrics(jsonl)
     train_s = sum(r["step_s_max"] for r in train)
     trained = sum(r["num_selected_global"] for r in train)
+    examples = examples_per_step(cfg, eng.world_size) * len(train)
+    world_sizes: list[list[int]] = []  # [first step, W] at each change of the world size
+    for record in train:
+        if not world_sizes or world_sizes[-1][1] != len(record["selected_per_rank"]):
+            world_sizes.append([record["step"], len(record["selected_per_rank"])])
     return {
         "world_size": eng.world_size,
+        "world_size_from_step": world_sizes,
         "launcher": launcher,
         "engine": eng.name,
         "task": cfg.task,
@@ -153,7 +165,7 @@ def summarize(jsonl: Path, cfg: Config, task: Task, launcher: str, eng: Engine) 
         "throughput": {
             "train_s": train_s,
             "steps_per_s": len(train) / max(train_s, 1e-9),
-            "examples_per_s": cfg.batch_size * eng.world_size * len(train) / max(train_s, 1e-9),
+            "examples_per_s": examples / max(train_s, 1e-9),
         },
         "config": dataclasses.asdict(cfg),
     }

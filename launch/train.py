@@ -49,14 +49,25 @@ from dist_ohem.comm import all_gather_uneven
 from dist_ohem.step import unwrap_model
 from launch.checkpoints import (
     CheckpointError,
+    check_resumable,
     checkpoint_dir,
-    load_checkpoint,
+    needs_universal_load,
+    rank_stream_seed,
+    read_checkpoint,
+    restore_checkpoint,
     resume_checkpoint,
     save_checkpoint,
 )
 from launch.config import Config, ConfigError, make_selector, parse_args
-from launch.data import batch_indices
-from launch.engines import Engine, all_reduce_sum, detect_launcher, setup_engine
+from launch.data import batch_indices, check_batches, examples_per_step
+from launch.engines import (
+    Engine,
+    all_reduce_sum,
+    detect_launcher,
+    engine_name,
+    launcher_world_size,
+    setup_engine,
+)
 from launch.reporting import (
     collective_failure_hint,
     open_metrics,
@@ -95,7 +106,6 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the config, train, evaluate, checkpoint, summarize, plot."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
-    resume_from = resume_checkpoint(cfg)  # raises when resume names no usable checkpoint
     launcher = detect_launcher(argv)
     logging.basicConfig(
         level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.ERROR,
@@ -104,14 +114,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
+    # Every rank checks the same things before any process group: they fail alike, at once.
     task = make_task(cfg.task, cfg.seed)
+    world_size = launcher_world_size()
+    check_batches(cfg, task, world_size)
+    resume_from = resume_checkpoint(cfg)  # raises when resume names no usable checkpoint
+    resumed, load_universal = None, False
+    if resume_from is not None:
+        resumed = read_checkpoint(resume_from, cfg)
+        check_resumable(resume_from, resumed, cfg, world_size)
+        engine = engine_name(cfg, launcher)
+        load_universal = needs_universal_load(resumed, resume_from, engine, world_size)
+
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = task.make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # On the torch optimizer, before an engine wraps it: every engine steps these groups.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg))
-    eng = setup_engine(cfg, launcher, model, optimizer)
-    torch.manual_seed(cfg.seed + 1 + eng.rank)  # per-rank dropout streams
+    eng = setup_engine(cfg, launcher, model, optimizer, load_universal)
+    torch.manual_seed(rank_stream_seed(cfg.seed, 0, eng.rank))  # per-rank dropout streams
     selector = make_selector(cfg)
     criterion = nn.CrossEntropyLoss()
     ohem_loss = OHEMLoss(criterion, selector=selector)
@@ -123,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(checkpoint_dir(cfg))
         checkpoint_dir(cfg).mkdir(parents=True, exist_ok=True)
     start = 0
-    if resume_from is not None:
-        start = load_checkpoint(resume_from, cfg, eng, scheduler, selector)
+    if resumed is not None:
+        start = restore_checkpoint(resume_from, resumed, cfg, eng, scheduler, selector)
     end = cfg.stop_at or cfg.max_steps
     metrics: TextIO | None = None
     if eng.rank == 0:
@@ -136,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             eng.name,
             eng.world_size,
             cfg.task,
-            cfg.batch_size * eng.world_size,
+            examples_per_step(cfg, eng.world_size),
             cfg.mode,
             cfg.scope,
             cfg.rule,
@@ -164,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             index = batch_indices(cfg, task, step, eng.rank, eng.world_size)
             x, y = task.x_train[index].to(eng.device), task.y_train[index].to(eng.device)
             tick = time.perf_counter()
-            selection, loss_share, trained, phase_s = forward_backward(
+            selection, mean_loss, trained, phase_s = forward_backward(
                 cfg, eng, x, y, criterion, ohem_loss
             )
             tock = time.perf_counter()
@@ -173,21 +194,16 @@ def main(argv: list[str] | None = None) -> None:
             phase_s["optimizer"] = time.perf_counter() - tock
             step_time = time.perf_counter() - tick
 
-            # One all-reduce: loss shares, stop flags, hard-example counts, per-rank stats.
+            # One all-reduce: stop flags, hard-example counts, per-rank stats.
             hard = torch.isin(task.group_train[index], torch.tensor(task.hard_groups))
-            stats = torch.zeros(4 + 2 * eng.world_size, dtype=torch.float64)
-            stats[:4] = torch.tensor(
-                [
-                    loss_share.item(),
-                    float(bool(interrupted)),
-                    hard.sum().item(),
-                    (selection.mask.cpu() & hard).sum().item(),
-                ]
-            )
-            stats[4 + eng.rank] = trained
-            stats[4 + eng.world_size + eng.rank] = step_time
+            stats = torch.zeros(3 + 2 * eng.world_size, dtype=torch.float64)
+            stats[0] = float(bool(interrupted))
+            stats[1] = hard.sum().item()
+            stats[2] = (selection.mask.cpu() & hard).sum().item()
+            stats[3 + eng.rank] = trained
+            stats[3 + eng.world_size + eng.rank] = step_time
             stats = all_reduce_sum(stats, eng.device)
-            record = train_record(step, scheduler, eng, selection, stats, phase_s)
+            record = train_record(step, scheduler, eng, selection, mean_loss, stats, phase_s)
             if eng.rank == 0:  # the line first: a checkpoint never runs ahead of the log
                 metrics.write(json.dumps(record) + "\n")
                 report(cfg, record, bar)
@@ -195,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                 write_eval(metrics, step, evaluate(unwrap_model(eng.model), task, eng), eng)
             if eng.rank == 0:
                 metrics.flush()
-            stop = stats[1] > 0  # some rank got a signal: all stop after this step
+            stop = stats[0] > 0  # some rank got a signal: all stop after this step
             if step % cfg.checkpoint_every == 0 or step == end or stop:
                 save_checkpoint(cfg, eng, scheduler, selector, task, step)
             if stop:
@@ -228,11 +244,11 @@ def forward_backward(
     y: torch.Tensor,
     criterion: nn.Module,
     ohem_loss: OHEMLoss,
-) -> tuple[SelectionResult, torch.Tensor, int, dict[str, float]]:
+) -> tuple[SelectionResult, float, int, dict[str, float]]:
     """Select and back-propagate one batch in the configured mode (no optimizer step).
 
-    Returns the selection, the loss this rank back-propagated (its share (W/M) * sum),
-    the number of examples it trained on and the seconds of each phase.
+    Returns the selection, the global mean loss of the selected examples, the number of
+    examples this rank trained on and the seconds of each phase.
     """
     positive = y != 0 if cfg.rule == "neg_pos_ratio" else None
     if cfg.mode == "two_pass":
@@ -247,7 +263,7 @@ def forward_backward(
             score_mode=cfg.score_mode,
             positive=positive,
         )
-        return out.selection, out.loss, out.num_trained_local, dict(out.timings)
+        return out.selection, out.mean_loss, out.num_trained_local, dict(out.timings)
     started = time.perf_counter()
     logits = eng.model(x)
     forwarded = time.perf_counter()
@@ -259,7 +275,7 @@ def forward_backward(
         "selection": selected - forwarded,
         "backward": time.perf_counter() - selected,
     }
-    return ohem_loss.last, loss.detach(), ohem_loss.last.num_selected_local, phase_s
+    return ohem_loss.last, ohem_loss.last_mean_loss, ohem_loss.last.num_selected_local, phase_s
 
 
 def run() -> int:

@@ -166,6 +166,12 @@ def test_config_errors_name_the_fix(tmp_path: Path) -> None:
         (["--config", "configs/missing.yaml"], "configs/missing.yaml not found"),
         (["resume=true"], "holds no checkpoint"),
         (["run_dir=/dev/null/run"], "run_dir=/dev/null/run cannot be created or written"),
+        (["batch_size=0"], "batch_size must be >= 1 (or set global_batch_size), got 0"),
+        (["global_batch_size=-1"], "global_batch_size must be >= 0 (0: off), got -1"),
+        (  # configs/digits.yaml sets batch_size: 64
+            ["--config", "configs/digits.yaml", "global_batch_size=256"],
+            "batch_size=64 and global_batch_size=256 are both set",
+        ),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             resume_checkpoint(parse_args([f"run_dir={tmp_path}", *args]))  # a later run_dir= wins
@@ -188,7 +194,7 @@ def test_batches_cover_each_pool_once_per_epoch_and_skewed_puts_hard_groups_on_r
     task = make_task(cfg.task, cfg.seed)
     world_size = 3
     hard = torch.isin(task.group_train, torch.tensor(task.hard_groups))
-    pools = [rank_pool(cfg, task, rank, world_size)[0] for rank in range(world_size)]
+    pools = [rank_pool(cfg, task, rank, world_size) for rank in range(world_size)]
     if shard == "skewed":
         assert sorted(torch.cat(pools).tolist()) == list(range(len(task.y_train)))
         assert hard[pools[0]].sum() == hard.sum() and not hard[torch.cat(pools[1:])].any()

@@ -33,19 +33,23 @@ ENGINE_ARGS = {"torchrun": [], "deepspeed": ZERO1}
 TIMEOUT_S = {"python": 60, "torchrun": 90, "accelerate": 120, "deepspeed": 300}
 
 
-def train_command(launcher: str, launcher_args: tuple[str, ...] = ()) -> list[str]:
-    """argv that starts train.py on 2 CPU ranks: a launch/*.sh wrapper, ``accelerate`` with
-    the shipped configs/accelerate/multi_gpu.yaml, or a launcher of tests/launching.py."""
+def train_command(
+    launcher: str, launcher_args: tuple[str, ...] = (), world_size: int = 2
+) -> list[str]:
+    """argv that starts train.py on ``world_size`` CPU ranks: a launch/*.sh wrapper (its
+    ranks come from the environment), ``accelerate`` with the shipped
+    configs/accelerate/multi_gpu.yaml, or a launcher of tests/launching.py."""
     if launcher.endswith(".sh"):
         return ["bash", str(REPO / "launch" / launcher)]
     if launcher == "accelerate":
         return [
             str(BIN / "accelerate"), "launch",
             "--config_file", str(REPO / "configs" / "accelerate" / "multi_gpu.yaml"),
-            "--num_processes", "2", "--main_process_port", str(free_port()),
+            "--num_processes", str(world_size), "--main_process_port", str(free_port()),
             str(REPO / "launch" / "train.py"),
         ]  # fmt: skip
-    return [*launcher_command(launcher), *launcher_args, str(REPO / "launch" / "train.py")]
+    command = launcher_command(launcher, world_size)
+    return [*command, *launcher_args, str(REPO / "launch" / "train.py")]
 
 
 @dataclass
@@ -68,9 +72,10 @@ def running(
     *args: str,
     env: dict[str, str] | None = None,
     launcher_args: tuple[str, ...] = (),
+    world_size: int = 2,
 ) -> Iterator[Launch]:
-    """train.py under ``launcher`` (plus ``launcher_args``) with train ``args`` and
-    ``env``; it and its ranks are killed if still running at exit.
+    """train.py under ``launcher`` (plus ``launcher_args``) on ``world_size`` ranks with
+    train ``args`` and ``env``; it and its ranks are killed if still running at exit.
 
     The output goes to a file, not a pipe: a rank left behind cannot block the test.
     """
@@ -78,7 +83,7 @@ def running(
     fd, log = tempfile.mkstemp(dir=run_dir.parent, prefix=f"{launcher}-", suffix=".log")
     with os.fdopen(fd, "w") as log_file:
         proc = subprocess.Popen(
-            [*train_command(launcher, launcher_args), *args, f"run_dir={run_dir}"],
+            [*train_command(launcher, launcher_args, world_size), *args, f"run_dir={run_dir}"],
             cwd=REPO,
             env={**child_env(), "NPROC": "2", **(env or {})},
             stdout=log_file,
@@ -112,6 +117,14 @@ def train(launcher: str, run_dir: Path, *args: str, expect_ok: bool = True, **kw
     its combined output."""
     with running(launcher, run_dir, *args, **kwargs) as launch:
         return finish(launch, expect_ok)
+
+
+def check_one_error_from_rank_0(output: str, message: str) -> None:
+    """A torchrun job that stopped on an error all ranks raise alike: the message printed
+    once, no traceback from train.py, rank 0 exited 1 as the root cause."""
+    assert output.count(message) == 1, output
+    assert 'launch/train.py", line' not in output
+    assert "rank      : 0 (local_rank: 0)\n  exitcode  : 1" in output.split("Root Cause")[1]
 
 
 def read_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
