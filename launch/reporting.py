@@ -224,10 +224,14 @@ def plot_metrics(jsonl: Path, png: Path, task: Task) -> None:
         ax_threshold = ax_sel.twinx()
         ax_threshold.plot(steps, threshold, "k", lw=0.5, alpha=0.5)
         ax_threshold.set(ylabel="threshold loss (black)", yscale="log")
-    per_rank = list(zip(*(r["selected_per_rank"] for r in train), strict=True))
-    for rank, counts in enumerate(per_rank):
+    most_ranks = max((len(r["selected_per_rank"]) for r in train), default=0)
+    for rank in range(most_ranks):  # NaN (a gap) at the steps of a smaller world
+        counts = [
+            r["selected_per_rank"][rank] if rank < len(r["selected_per_rank"]) else math.nan
+            for r in train
+        ]
         ax_rank.plot(steps, counts, lw=0.8, label=f"rank {rank}")
-    mean_share = [r["num_selected_global"] / max(len(per_rank), 1) for r in train]
+    mean_share = [r["num_selected_global"] / len(r["selected_per_rank"]) for r in train]
     ax_rank.plot(steps, mean_share, "k--", lw=0.8, label="M / W")
     ax_rank.set(xlabel="step", ylabel="selected examples")
     for ax in (ax_loss, ax_metric, ax_sel, ax_rank):
