@@ -1,5 +1,5 @@
-"""Checkpoints: atomic saves, loading on every rank, and which checkpoint ``resume`` picks
-(``CheckpointError`` names the file and the way out)."""
+"""Checkpoints: atomic saves, which checkpoint ``resume`` picks, whether it continues the
+run (also at another world size), restoring it on every rank (``CheckpointError``)."""
 
 from __future__ import annotations
 

@@ -23,11 +23,13 @@ class Config:
     run_dir: str = "runs/default"  # metrics, summary, plot and checkpoints go here
     seed: int = 0  # data, model init, data order and scope="random" draws
     task: str = "detection"  # "detection" (generated) or "digits" (scikit-learn, long-tailed)
-    shard: str = "iid"  # "iid" or "skewed": the hard groups' examples all on rank 0
+    shard: str = "iid"  # "iid" or "skewed": hard groups on rank 0 (launch/data.py)
     # optimization: AdamW, cosine decay from lr to min_lr over max_steps
     max_steps: int = 600
     batch_size: int = 128  # per rank: K = batch_size * world size
-    global_batch_size: int = 0  # every rank's examples of a step together, the same at any W
+    # Examples of a step over all ranks, the same at any W (0: batch_size per rank instead;
+    # with it a run resumes at another world size).
+    global_batch_size: int = 0
     lr: float = 2e-3
     min_lr: float = 1e-4
     weight_decay: float = 0.0
