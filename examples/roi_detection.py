@@ -194,16 +194,9 @@ def assign(scenes: list[Scene]) -> dict[str, torch.Tensor]:
     parts = []
     for i, scene in enumerate(scenes):
         boxes = scene.proposals
-        iou = (
-            box_iou(boxes, scene.gt_boxes)
-            if len(scene.gt_boxes)
-            else boxes.new_zeros(len(boxes), 1)
-        )
-        best_iou, best = iou.max(1)
-        gt = scene.gt_boxes[best] if len(scene.gt_boxes) else boxes
-        labels = torch.where(
-            best_iou >= 0.5, scene.gt_labels[best] if len(scene.gt_boxes) else 0, 0
-        )
+        best_iou, best = box_iou(boxes, scene.gt_boxes).max(1)  # every scene has an object
+        labels = torch.where(best_iou >= 0.5, scene.gt_labels[best], 0)
+        gt = scene.gt_boxes[best]
         on_lookalike = torch.zeros(len(boxes), dtype=torch.bool)
         if len(scene.lookalike_boxes):
             on_lookalike = box_iou(boxes, scene.lookalike_boxes).max(1).values >= 0.5
@@ -246,16 +239,17 @@ def train_step(backbone, head, selector, optimizer, scenes, cfg, gen) -> dict[st
     head with grad on the chosen RoIs. Returns this rank's counts for the log."""
     rois = assign(scenes)
     features = backbone(torch.stack([scene.image for scene in scenes]))
-    pool = lambda feats, index: roi_align(feats, rois["boxes"][index], rois["image_ids"][index])  # noqa: E731
     everything = torch.arange(len(rois["labels"]))
-    chosen = None
+
+    def pool(feats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return roi_align(feats, rois["boxes"][index], rois["image_ids"][index])
+
     if cfg.scope == "sampler":
         index = sample_minibatch(rois, cfg, gen).nonzero().squeeze(1)
         losses = roi_losses(
             head(pool(features, index)), rois["labels"][index], rois["targets"][index]
         )
-        loss = losses.mean()
-        chosen = index
+        loss, chosen = losses.mean(), index
     elif cfg.mode == "mask":
         losses = roi_losses(head(pool(features, everything)), rois["labels"], rois["targets"])
         selection = selector(losses.detach(), rois["boxes"], rois["image_ids"], rois["labels"])

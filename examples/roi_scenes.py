@@ -30,7 +30,7 @@ class Scene:
     """One image with its ground truth and proposals (boxes are xyxy in pixels)."""
 
     image: torch.Tensor  # (3, IMAGE_SIZE, IMAGE_SIZE) float
-    gt_boxes: torch.Tensor  # (G, 4)
+    gt_boxes: torch.Tensor  # (G, 4), G >= 1: the first object always fits
     gt_labels: torch.Tensor  # (G,) int64 in 1..len(CLASSES)
     lookalike_boxes: torch.Tensor  # (D, 4) hard negatives, not objects
     proposals: torch.Tensor  # (NUM_PROPOSALS, 4)
@@ -173,8 +173,8 @@ def make_scene(seed: int, index: int) -> Scene:
     gt = torch.tensor(gt_boxes).reshape(-1, 4)
     hard = torch.tensor(lookalikes).reshape(-1, 4)
     num_jittered = int(JITTERED_SHARE * NUM_PROPOSALS)
-    anchors = torch.cat([gt, hard])
-    jittered = _jitter(gen, anchors, num_jittered) if len(anchors) else _random_boxes(gen, 0)
+    anchors = torch.cat([gt, hard])  # never empty: there is at least one object
+    jittered = _jitter(gen, anchors, num_jittered)
     proposals = torch.cat([jittered, _random_boxes(gen, NUM_PROPOSALS - len(jittered))])
     proposals = proposals.clamp(0, IMAGE_SIZE)
     proposals[:, 2:] = torch.maximum(proposals[:, 2:], proposals[:, :2] + 2).clamp(max=IMAGE_SIZE)
