@@ -216,13 +216,15 @@ def test_resume_at_another_world_size_without_global_batch_size_is_refused(
     group, as for bad configs under torchrun in test_train_faults.py)."""
     path = checkpoint(w4, 10)
     args = [*ELASTIC, "global_batch_size=0", "batch_size=32", f"resume={path}"]
-    output = train("python", tmp_path / "run", *args, expect_ok=False)
+    with running("python", tmp_path / "run", *args) as launch:
+        output = finish(launch, expect_ok=False)
     message = (
         f"error: {path} was written by 4 ranks, this run has 1: with batch_size (per rank) "
         "the examples of a step depend on the world size. Resume with 4 ranks, or train "
         "with global_batch_size=N instead of batch_size"
     )
     assert output.count(message) == 1 and "Traceback" not in output, output
+    assert launch.proc.returncode == 1
 
 
 def test_a_changed_global_batch_size_at_another_world_size_is_refused(w4: Path) -> None:
@@ -248,7 +250,9 @@ def test_losing_a_node_re_forms_with_fewer_ranks_and_continues(tmp_path: Path) -
     args = ["global_batch_size=64", "max_steps=200", "checkpoint_every=50", "eval_every=100"]
     args += ["log_every=50", "resume=auto"]  # the plot too: its per-rank lines change W
     env = {"NNODES": "1:2", "NPROC": "1", "MASTER_PORT": str(free_port()), "MAX_RESTARTS": "1"}
-    conf = "last_call_timeout=5,is_host="
+    # A dead node leaves the rendezvous after keep_alive_interval x keep_alive_max_attempt
+    # seconds (default 15); then the survivor waits last_call_timeout for late joiners.
+    conf = "keep_alive_interval=1,keep_alive_max_attempt=2,last_call_timeout=3,is_host="
     metrics = run_dir / "metrics.jsonl"
     with (
         running("torchrun.sh", run_dir, *args, env={**env, "RDZV_CONF": conf + "false"}) as b,
