@@ -1,24 +1,32 @@
 """Run: ``python bench/selection.py`` (full, ~5 min on 2 cores) or add ``--quick`` (< 30 s).
 
-Cost of one global selection, strategy ``gather`` vs ``radix`` (DESIGN.md §5), on W = 1,
-2 and 4 gloo ranks (one thread each, FileStore rendezvous: no port) with K = 1e3 ... 1e7
-float32 losses per rank, rule ``keep=0.1``. Writes ``selection.json`` and ``selection.md``
-to ``bench/results/`` (``selection_quick.*`` with ``--quick``).
+Cost of one global selection for each strategy (``gather``, ``radix``, ``bracket``;
+DESIGN.md §5, ``dist_ohem/kselect.py``) on W = 1, 2 and 4 gloo ranks (one thread each,
+FileStore rendezvous: no port) with K = 1e3 ... 1e7 float32 losses per rank, rule
+``keep=0.1``, next to what any exact selection must at least do, measured in the same
+run. Writes ``selection.json`` and ``selection.md`` to ``bench/results/``
+(``selection_quick.*`` with ``--quick``).
 
 Time: one ``HardExampleSelector`` call, from a barrier to the end of the call on each
-rank; a repeat counts the slowest rank; reported is the median over ``--repeats`` repeats
-after one warm-up call, the two strategies interleaved (their order alternates) so that
-machine noise hits both alike. Both calls must return bit-identical masks (checked).
+rank; a repeat counts the slowest rank; reported is the median over the repeats after
+two warm-up calls (the second one is the steady state: what the first call taught the
+selector to send with its row), the strategies interleaved (their order rotates) so
+that machine noise hits all alike. All strategies must return bit-identical masks
+(checked). ``gather`` is skipped above ``--gather-max`` keys per rank (seconds per call).
 
-Bytes: every ``torch.distributed`` collective the call makes is wrapped and the bytes of
-the tensor this rank hands to it are added up (all-reduce: the tensor; all-gather: the
-rank's input, padded to the longest rank as gloo needs; all-gather of objects: the
-pickle). Counted on every rank, not estimated; the table shows the largest rank's
-count. What the wire carries depends on gloo's algorithm (a ring all-gather forwards
-(W-1) inputs, a ring all-reduce about 2(W-1)/W times the tensor).
+Yardsticks, in the same run and timed the same way: one all-gather of a 16-int64 row
+(the least one collective costs) and one streaming pass over the rank's losses
+(``losses.sum()``: the least that reading them costs). Peers, single-process calls on
+one rank's losses: ``torch.topk`` of the M hardest (run on every rank at once, timed
+like the selector, so that it meets the same contention) and, in the W = 1 run, a full
+``torch.sort`` (mmseg's OHEM sorts every pixel). The small-batch case, K = 256 per rank with
+``keep=0.25`` and ``gather``, is timed against the tiny all-gather.
 
-Yardstick: in the same run, the median time of a plain all-reduce of a 1e6-float32
-tensor (a 4 MB gradient), the per-step cost that DDP already pays.
+Bytes: every ``torch.distributed`` collective of one steady-state call is wrapped and
+the bytes of the tensor this rank hands to it are added up (all-reduce: the tensor;
+all-gather: the rank's input; all-gather of objects: the pickle). Counted on every
+rank, not estimated; the table shows the largest rank's count. What the wire carries
+depends on gloo's algorithm (a ring all-gather forwards (W-1) inputs).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import argparse
 import functools
 import json
 import logging
+import math
 import os
 import pickle
 import statistics
@@ -46,11 +55,16 @@ sys.path.insert(1, str(ROOT))  # `python bench/selection.py` puts bench/ first o
 
 from bench.common import markdown_table, run_meta, run_world, write_report  # noqa: E402
 from dist_ohem import HardExampleSelector  # noqa: E402
-from dist_ohem.selector import AUTO_RADIX_MIN_KEYS  # noqa: E402
+from dist_ohem.selector import AUTO_BRACKET_MIN_KEYS  # noqa: E402
 
-STRATEGIES = ("gather", "radix")
+STRATEGIES = ("gather", "radix", "bracket")
 KEEP = 0.1
-YARDSTICK_NUMEL = 10**6
+#: The small-batch case of the issue: K per rank, rule, strategy.
+SMALL_KEYS, SMALL_KEEP = 256, 0.25
+ROW_INTS = 16
+#: Targets (issue 16): small call <= 2x the tiny all-gather; dense call at 1e7 per rank,
+#: W=2, <= 15x the streaming pass and >= 10x faster than single-process torch.topk.
+SMALL_TARGET, STREAM_TARGET, TOPK_TARGET = 2.0, 15.0, 10.0
 #: Collectives the selector can call, and the position of the tensor a rank sends.
 COLLECTIVES = {"all_reduce": 0, "all_gather_single": 1, "all_gather_into_tensor": 1}
 
@@ -63,6 +77,7 @@ class Config:
 
     keys_per_rank: tuple[int, ...]
     repeats: int
+    gather_max: int
     seed: int = 0
 
 
@@ -115,35 +130,74 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return slowest(time.perf_counter() - start), out
 
 
-def measure_keys(num_keys: int, repeats: int, seed: int) -> dict[str, Any]:
-    """Both strategies on ``num_keys`` uniform float32 losses per rank."""
-    gen = torch.Generator().manual_seed(seed * 1000 + dist.get_rank())
+def median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    """Median over ``repeats`` of :func:`timed` (slowest rank), in ms."""
+    return 1e3 * statistics.median(timed(fn)[0] for _ in range(repeats))
+
+
+def repeats_for(num_keys: int, repeats: int) -> int:
+    """Fewer repeats for the slow large cases, so the full run stays near 5 minutes."""
+    return repeats if num_keys < 10**6 else max(3, repeats // 2)
+
+
+def measure_keys(num_keys: int, config: Config) -> dict[str, Any]:
+    """Every strategy, the streaming pass and (single process) the peers on ``num_keys``
+    uniform float32 losses per rank."""
+    gen = torch.Generator().manual_seed(config.seed * 1000 + dist.get_rank())
     losses = torch.rand(num_keys, generator=gen)
-    selectors = {s: HardExampleSelector(keep=KEEP, strategy=s) for s in STRATEGIES}
-    meters = {s: ByteMeter() for s in STRATEGIES}
+    strategies = [s for s in STRATEGIES if s != "gather" or num_keys <= config.gather_max]
+    selectors = {s: HardExampleSelector(keep=KEEP, strategy=s) for s in strategies}
+    meters = {s: ByteMeter() for s in strategies}
     masks = {}
-    for strategy in STRATEGIES:  # warm-up call, counted
-        with meters[strategy].counting():
+    for strategy in strategies:
+        selectors[strategy](losses)  # first call: teaches the selector what to send
+        with meters[strategy].counting():  # the steady state, counted
             masks[strategy] = selectors[strategy](losses).mask
-    if not torch.equal(masks["gather"], masks["radix"]):
-        raise AssertionError(f"gather and radix masks differ at K={num_keys} per rank")
-    times: dict[str, list[float]] = {s: [] for s in STRATEGIES}
+    for strategy in strategies[1:]:
+        if not torch.equal(masks[strategies[0]], masks[strategy]):
+            raise AssertionError(f"{strategy} mask differs at K={num_keys} per rank")
+    repeats = repeats_for(num_keys, config.repeats)
+    times: dict[str, list[float]] = {s: [] for s in strategies}
     for repeat in range(repeats):
-        for strategy in STRATEGIES[:: 1 if repeat % 2 == 0 else -1]:
+        shift = repeat % len(strategies)
+        for strategy in strategies[shift:] + strategies[:shift]:
             times[strategy].append(timed(lambda s=strategy: selectors[s](losses))[0])
-    per_rank_bytes = {s: all_ranks(meters[s].bytes) for s in STRATEGIES}
-    return {
+    row = {
         "keys_per_rank": num_keys,
+        "stream_ms": median_ms(losses.sum, repeats),
         **{
             strategy: {
                 "median_ms": 1e3 * statistics.median(times[strategy]),
                 "times_ms": [1e3 * t for t in times[strategy]],
-                "bytes_per_rank": per_rank_bytes[strategy],
+                "bytes_per_rank": all_ranks(meters[strategy].bytes),
                 "collectives": meters[strategy].calls,
             }
-            for strategy in STRATEGIES
+            for strategy in strategies
         },
     }
+    # The single-process peer runs on every rank at once, like the selector, so that it
+    # meets the same contention for the cores and memory.
+    row["topk_ms"] = median_ms(lambda: torch.topk(losses, math.ceil(KEEP * num_keys)), repeats)
+    if dist.get_world_size() == 1:
+        row["sort_ms"] = median_ms(lambda: torch.sort(losses), min(repeats, 3))
+    return row
+
+
+def small_batch(config: Config) -> dict[str, float]:
+    """The small-batch case against one all-gather of a 16-int64 row, interleaved."""
+    losses = torch.rand(SMALL_KEYS, generator=torch.Generator().manual_seed(dist.get_rank()))
+    selector = HardExampleSelector(keep=SMALL_KEEP, strategy="gather")
+    row = torch.arange(ROW_INTS, dtype=torch.int64)
+    gathered = row.new_empty(dist.get_world_size() * ROW_INTS)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    calls = {"selector": lambda: selector(losses), "all_gather": lambda: gather(gathered, row)}
+    for fn in calls.values():
+        fn(), fn()  # warm-up; the selector's second call is the steady state
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for repeat in range(10 * config.repeats):
+        for name in sorted(calls, reverse=repeat % 2 == 1):
+            times[name].append(timed(calls[name])[0])
+    return {f"{name}_ms": 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def all_ranks(value: int) -> list[int]:
@@ -153,27 +207,17 @@ def all_ranks(value: int) -> list[int]:
     return values
 
 
-def yardstick_ms(repeats: int) -> float:
-    """Median time of an all-reduce of a 1e6-float32 gradient (0 calls on one rank)."""
-    gradient = torch.randn(YARDSTICK_NUMEL)
-    dist.all_reduce(gradient)  # warm-up
-    return 1e3 * statistics.median(
-        timed(lambda: dist.all_reduce(gradient))[0] for _ in range(repeats)
-    )
-
-
 def rank_main(rank: int, world_size: int, init_file: str, config: Config, out_file: str) -> None:
-    """One rank: join the gloo group, measure the yardstick and every K."""
+    """One rank: join the gloo group, measure the small batch and every K."""
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
     try:
-        results = {"world_size": world_size, "allreduce_1e6_ms": yardstick_ms(config.repeats)}
-        results["keys"] = []
+        results = {"world_size": world_size, "small": small_batch(config), "keys": []}
         for num_keys in config.keys_per_rank:
-            results["keys"].append(measure_keys(num_keys, config.repeats, config.seed))
+            results["keys"].append(measure_keys(num_keys, config))
             if rank == 0:
                 logger.info("W=%d K=%d per rank done", world_size, num_keys)
         if rank == 0:
@@ -184,80 +228,177 @@ def rank_main(rank: int, world_size: int, init_file: str, config: Config, out_fi
 
 
 def crossover(run: dict[str, Any]) -> int | None:
-    """Smallest K per rank from which radix is faster than gather at every larger K."""
+    """Smallest K per rank from which bracket is faster than gather at every larger K
+    where both ran."""
     found = None
     for row in reversed(run["keys"]):
-        if row["radix"]["median_ms"] >= row["gather"]["median_ms"]:
+        if "gather" not in row:
+            continue
+        if row["bracket"]["median_ms"] >= row["gather"]["median_ms"]:
             break
         found = row["keys_per_rank"]
     return found
 
 
+def cell(row: dict[str, Any], strategy: str) -> str:
+    return f"{row[strategy]['median_ms']:.2f}" if strategy in row else "-"
+
+
 def results_table(runs: list[dict[str, Any]]) -> str:
-    """One row per (W, K): both strategies' median time and bytes per rank."""
+    """One row per (W, K): each strategy's median time and bytes, the streaming pass."""
     headers = [
         "W",
         "K per rank",
-        "gather ms",
-        "radix ms",
-        "radix / gather",
-        "gather bytes/rank",
-        "radix bytes/rank",
-        "collectives g / r",
-        "all-reduce 1e6 f32 ms",
+        *(f"{s} ms" for s in STRATEGIES),
+        "stream pass ms",
+        "bracket / stream",
+        "torch.topk ms",
+        "topk / bracket",
+        *(f"{s} bytes/rank" for s in STRATEGIES),
+        "collectives " + " / ".join(s[0] for s in STRATEGIES),
     ]
     rows = []
     for run in runs:
         for row in run["keys"]:
-            gather, radix = row["gather"], row["radix"]
             rows.append(
                 [
                     str(run["world_size"]),
                     f"{row['keys_per_rank']:.0e}",
-                    f"{gather['median_ms']:.2f}",
-                    f"{radix['median_ms']:.2f}",
-                    f"{radix['median_ms'] / gather['median_ms']:.2f}",
-                    f"{max(gather['bytes_per_rank']):,}",
-                    f"{max(radix['bytes_per_rank']):,}",
-                    f"{gather['collectives']} / {radix['collectives']}",
-                    f"{run['allreduce_1e6_ms']:.2f}",
+                    *(cell(row, s) for s in STRATEGIES),
+                    f"{row['stream_ms']:.2f}",
+                    f"{row['bracket']['median_ms'] / row['stream_ms']:.1f}",
+                    f"{row['topk_ms']:.2f}",
+                    f"{row['topk_ms'] / row['bracket']['median_ms']:.2f}",
+                    *(
+                        f"{max(row[s]['bytes_per_rank']):,}" if s in row else "-"
+                        for s in STRATEGIES
+                    ),
+                    " / ".join(str(row[s]["collectives"]) if s in row else "-" for s in STRATEGIES),
                 ]
             )
     return markdown_table(headers, rows)
 
 
+def peers_table(run: dict[str, Any]) -> str:
+    """Single process (W = 1): the strategies next to torch.topk and torch.sort."""
+    headers = ["K", "bracket ms", "gather ms", "torch.topk ms", "torch.sort ms", "topk / bracket"]
+    rows = [
+        [
+            f"{row['keys_per_rank']:.0e}",
+            cell(row, "bracket"),
+            cell(row, "gather"),
+            f"{row['topk_ms']:.2f}",
+            f"{row['sort_ms']:.2f}",
+            f"{row['topk_ms'] / row['bracket']['median_ms']:.1f}",
+        ]
+        for row in run["keys"]
+    ]
+    return markdown_table(headers, rows)
+
+
+def targets(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's ratios, from this run (None where a needed cell did not run)."""
+    by_world = {run["world_size"]: run for run in runs}
+    out: dict[str, Any] = {}
+    if 2 in by_world:
+        small = by_world[2]["small"]
+        out["small_over_allgather"] = small["selector_ms"] / small["all_gather_ms"]
+        dense = next((r for r in by_world[2]["keys"] if r["keys_per_rank"] == 10**7), None)
+        if dense is not None:
+            out["dense_over_stream"] = dense["bracket"]["median_ms"] / dense["stream_ms"]
+            out["topk_over_dense"] = dense["topk_ms"] / dense["bracket"]["median_ms"]
+    return out
+
+
+def target_lines(found: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, text, limit, better in (
+        (
+            "small_over_allgather",
+            "K=256/rank, W=2, gather call / all-gather of 16 int64",
+            SMALL_TARGET,
+            "<=",
+        ),
+        (
+            "dense_over_stream",
+            "K=1e7/rank, W=2, bracket call / streaming pass",
+            STREAM_TARGET,
+            "<=",
+        ),
+        (
+            "topk_over_dense",
+            "single-process torch.topk / K=1e7, W=2 bracket call",
+            TOPK_TARGET,
+            ">=",
+        ),
+    ):
+        if key in found:
+            ok = found[key] <= limit if better == "<=" else found[key] >= limit
+            verdict = "met" if ok else "NOT met"
+            lines.append(f"- {text}: **{found[key]:.2f}x** (target {better} {limit:g}x: {verdict})")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    """The report as markdown: setup, table, crossover."""
+    """The report as markdown: setup, targets, tables, crossover."""
     meta = report["meta"]
+    runs = report["runs"]
+    small_rows = [
+        [
+            str(run["world_size"]),
+            f"{run['small']['selector_ms']:.3f}",
+            f"{run['small']['all_gather_ms']:.3f}",
+            f"{run['small']['selector_ms'] / run['small']['all_gather_ms']:.2f}",
+        ]
+        for run in runs
+    ]
     lines = [
-        "# dist_ohem selection benchmark: gather vs radix",
+        "# dist_ohem selection benchmark: gather, radix, bracket",
         "",
         f"- command: `{meta['command']}`",
         f"- date (UTC): {meta['date']}; torch {meta['torch']}; python {meta['python']}; "
         f"{meta['cores']} cores; git {meta['git']}",
         f"- load average at start / end: {meta['load_start']} / {meta['load_end']}; "
         f"wall time {meta['wall_s']:.0f} s",
-        "- **shared machine**: other jobs ran on the same cores during this run; times are "
-        "noisy (bytes are exact). Rerun with the command above on a quiet machine.",
+        "- **shared machine**: other jobs may run on the same cores; ratios are measured side "
+        "by side in one run (bytes are exact).",
         f"- rule keep={KEEP}, uniform float32 losses; gloo, one thread per rank; time = "
-        f"median of {report['config']['repeats']} repeats of the slowest rank's call "
-        "(barrier to end of call), strategies interleaved",
-        "- bytes/rank: bytes of the tensors one rank hands to collectives per call, counted "
-        "by wrapping torch.distributed (largest rank); collectives g / r = calls per "
-        "selection for gather / radix",
+        f"median of {report['config']['repeats']} repeats (half above 1e6 keys) of the "
+        "slowest rank's call (barrier to end of call), after two warm-up calls, "
+        "strategies interleaved",
+        "- bytes/rank: bytes of the tensors one rank hands to collectives in one "
+        "steady-state call, counted by wrapping torch.distributed (largest rank); "
+        "collectives = calls per selection",
         "",
-        results_table(report["runs"]),
+        "## Targets",
         "",
-        "Crossover (smallest K per rank from which radix is faster at every larger K): "
+        *target_lines(report["targets"]),
+        "",
+        f"## Small batch: K={SMALL_KEYS} per rank, keep={SMALL_KEEP}, gather",
+        "",
+        markdown_table(
+            ["W", "selector ms", f"all-gather of {ROW_INTS} int64 ms", "ratio"], small_rows
+        ),
+        "",
+        "## Every K",
+        "",
+        results_table(runs),
+        "",
+    ]
+    single = next((run for run in runs if run["world_size"] == 1), None)
+    if single is not None:
+        lines += ["## Single process: peers", "", peers_table(single), ""]
+    lines.append(
+        "Crossover (smallest K per rank from which bracket beats gather at every larger K): "
         + "; ".join(
             f"W={run['world_size']}: {run['crossover']:.0e}"
             if run["crossover"]
             else f"W={run['world_size']}: none"
-            for run in report["runs"]
+            for run in runs
         )
-        + f'. `strategy="auto"` picks radix above {AUTO_RADIX_MIN_KEYS:,} instances on '
-        "the largest rank (`AUTO_RADIX_MIN_KEYS`).",
-    ]
+        + f'. `strategy="auto"` picks bracket above {AUTO_BRACKET_MIN_KEYS:,} instances on '
+        "the largest rank (`AUTO_BRACKET_MIN_KEYS`)."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -268,6 +409,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed repeats per strategy (default 11)")
     parser.add_argument("--world-sizes", type=int, nargs="+", help="default 1 2 4")
     parser.add_argument("--keys", type=int, nargs="+", help="K per rank (default 1e3 ... 1e7)")
+    parser.add_argument(
+        "--gather-max", type=int, default=10**6, help="largest K per rank timed for gather"
+    )
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     defaults = (
@@ -292,12 +436,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks
-    config = Config(tuple(args.keys), args.repeats)
+    config = Config(tuple(args.keys), args.repeats, args.gather_max)
     started, load_start = time.perf_counter(), os.getloadavg()
     runs = [run_world(world_size, config, rank_main) for world_size in args.world_sizes]
     for run in runs:
         run["crossover"] = crossover(run)
     report = {"meta": run_meta(started, load_start), "config": asdict(config), "runs": runs}
+    report["targets"] = targets(runs)
     stem = "selection_quick" if args.quick else "selection"
     write_report(report, render_markdown(report), args.output_dir, stem)
 

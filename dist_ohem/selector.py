@@ -40,7 +40,7 @@ NAN_POLICIES = ("raise", "ignore")
 #: ``strategy="auto"`` uses bracket once the largest rank holds more than this many
 #: instances (valid or not), gather below. From ``bench/selection.py``: see the README's
 #: Benchmarks section for the measured crossover.
-AUTO_BRACKET_MIN_KEYS = 1 << 15
+AUTO_BRACKET_MIN_KEYS = 1 << 16
 
 # Columns of the per-rank row exchanged on every call.
 (
