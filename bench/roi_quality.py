@@ -14,7 +14,9 @@ lying on look-alikes (the hard negatives) that the step trained on; the cost to 
 0.9 x the best final mean mAP of the W (training seconds: the slowest rank's step times
 summed, no evaluation; RoIs back-propagated). Then mask-mode OHEM (every RoI through
 the head with grad, the unselected weighted 0) against the read-only-head two-pass
-version, same selection, alternated runs: median step time.
+version, same selection, alternated runs, with the example's RoI head (hidden width 128)
+and a heavier one (1024): median step time. ``--timing-only`` runs just that part and
+writes ``roi_timing.{json,md}``.
 
 The ranks are started once per W (bench/common.run_world, FileStore rendezvous) and run
 every variant and seed in one process group, so no run pays a process start. Writes
@@ -52,6 +54,8 @@ TARGET_FRACTION = 0.9
 FULL = ((2, 240), (4, 120))
 QUICK = ((2, 60),)
 MASK_TIMING_STEPS = 40
+#: Hidden widths of the RoI head in the timing: the example's, and a heavier head.
+TIMING_HEAD_WIDTHS = (128, 1024)
 
 
 def rank_main(rank: int, world_size: int, init_file: str, plan: dict, out_file: str) -> None:
@@ -75,28 +79,37 @@ def rank_main(rank: int, world_size: int, init_file: str, plan: dict, out_file: 
             if rank == 0:
                 runs.append(read_run(run_dir, summary, variant, seed, world_size))
                 logging.info("W=%d %s seed %d: mAP %.3f", world_size, variant, seed, summary["map"])
-    for repeat in range(plan["mask_repeats"]):
-        for mode in ("two_pass", "mask"):
-            run_dir = Path(plan["runs_dir"]) / f"w{world_size}_timing_{mode}_{repeat}"
-            cfg = roi_detection.Config(
-                run_dir=str(run_dir), seed=repeat, mode=mode, **(base | plan["timing"])
-            )
-            summary = roi_detection.train(cfg)
-            if rank == 0:
-                steps = [
-                    json.loads(line)
-                    for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                ]
-                step_s = [r["step_s_max"] for r in steps if r["kind"] == "train"][5:]
-                with_grad = summary["rois_in_batch" if mode == "mask" else "rois_backpropagated"]
-                timing.append(
-                    {"mode": mode, "repeat": repeat, "median_step_s": statistics.median(step_s),
-                     "rois_with_grad_per_step": with_grad / cfg.max_steps}
+    for head_hidden in plan["timing_widths"]:
+        for repeat in range(plan["mask_repeats"]):
+            for mode in ("two_pass", "mask"):
+                name = f"w{world_size}_timing_h{head_hidden}_{mode}_{repeat}"
+                cfg = roi_detection.Config(
+                    run_dir=str(Path(plan["runs_dir"]) / name), seed=repeat, mode=mode,
+                    head_hidden=head_hidden, **(base | plan["timing"]),
                 )  # fmt: skip
+                summary = roi_detection.train(cfg)
+                if rank == 0:
+                    timing.append(timing_record(cfg, summary, repeat))
     if rank == 0:
         Path(out_file).write_text(json.dumps({"runs": runs, "timing": timing}))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def timing_record(cfg: Any, summary: dict, repeat: int) -> dict:
+    """Median step time of one timing run (the first 5 steps left out) and RoIs with grad."""
+    import json
+
+    lines = (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()
+    step_s = [r["step_s_max"] for r in map(json.loads, lines) if r["kind"] == "train"][5:]
+    with_grad = summary["rois_in_batch" if cfg.mode == "mask" else "rois_backpropagated"]
+    return {
+        "mode": cfg.mode,
+        "head_hidden": cfg.head_hidden,
+        "repeat": repeat,
+        "median_step_s": statistics.median(step_s),
+        "rois_with_grad_per_step": with_grad / cfg.max_steps,
+    }
 
 
 def read_run(run_dir: Path, summary: dict, variant: str, seed: int, world_size: int) -> dict:
@@ -197,15 +210,6 @@ def render_markdown(report: dict[str, Any]) -> str:
             for r in rows
         ],
     )  # fmt: skip
-    timing_rows = []
-    for mode in ("two_pass", "mask"):
-        mine = [t for t in report["timing"] if t["mode"] == mode]
-        if mine:
-            timing_rows.append(
-                [mode, f"{statistics.median(t['median_step_s'] for t in mine) * 1000:.1f}",
-                 f"{statistics.fmean(t['rois_with_grad_per_step'] for t in mine):.0f}",
-                 ", ".join(f"{t['median_step_s'] * 1000:.1f}" for t in mine)]
-            )  # fmt: skip
     plan = report["plan"]
     parts = [
         "# RoI-level OHEM: standard sampler vs random vs local vs global OHEM",
@@ -237,25 +241,52 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         cost,
         "",
-        "## Mask mode vs the read-only head (two-pass)",
-        "",
-        f"W={plan['timing_world_size']}, global OHEM, {plan['timing']['max_steps']} steps a "
-        "run, runs alternated; median over steps after the first 5 of the slowest rank's "
-        "step time (backbone forward and backward, scoring, dedup, selection, head, "
-        "optimizer).",
-        "",
-        markdown_table(
-            [
-                "mode",
-                "step ms (median of runs)",
-                "RoIs with grad per step",
-                "per run",
-            ],
-            timing_rows,
-        ),
-        "",
+        timing_markdown(report),
     ]
     return "\n".join(parts)
+
+
+def timing_markdown(report: dict[str, Any]) -> str:
+    """Mask mode vs the read-only head: median step time per head width and mode."""
+    plan = report["plan"]
+    rows = []
+    for head_hidden in sorted({t["head_hidden"] for t in report["timing"]}):
+        medians = {}
+        for mode in ("two_pass", "mask"):
+            mine = [
+                t for t in report["timing"] if (t["mode"], t["head_hidden"]) == (mode, head_hidden)
+            ]
+            medians[mode] = statistics.median(t["median_step_s"] for t in mine)
+            rows.append(
+                [str(head_hidden), mode, f"{medians[mode] * 1000:.1f}",
+                 f"{statistics.fmean(t['rois_with_grad_per_step'] for t in mine):.0f}",
+                 ", ".join(f"{t['median_step_s'] * 1000:.1f}" for t in mine),
+                 f"{medians['mask'] / medians['two_pass']:.2f}x" if mode == "mask" else ""]
+            )  # fmt: skip
+    return "\n".join(
+        [
+            "## Mask mode vs the read-only head (two-pass)",
+            "",
+            f"W={plan['timing_world_size']}, global OHEM, {plan['timing']['max_steps']} steps "
+            "a run, the two modes alternated; per run the median over its steps after the "
+            "first 5 of the slowest rank's step time (backbone forward and backward, scoring, "
+            "dedup, selection, head, optimizer). Head width: the RoI head's hidden layer "
+            "(the example's default 128; Fast R-CNN's fc layers have 4096).",
+            "",
+            markdown_table(
+                [
+                    "head width",
+                    "mode",
+                    "step ms (median of runs)",
+                    "RoIs with grad per step",
+                    "per run",
+                    "mask / two-pass",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    )
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -295,6 +326,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="W=2, 2 seeds, 60 steps")
+    parser.add_argument(
+        "--timing-only", action="store_true", help="only mask vs two-pass: roi_timing.{json,md}"
+    )
     parser.add_argument("--seeds", type=int, help="seeds per variant (default 5; --quick 2)")
     parser.add_argument("--machine", default="not stated", help="a note: quiet or shared?")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "bench" / "results")
@@ -306,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cells = QUICK if args.quick else FULL
     seeds = list(range(args.seeds or (2 if args.quick else 5)))
+    if args.timing_only:
+        cells, seeds = ((2, 0),), []
     test_images = 50 if args.quick else 100
     started, load_start = time.perf_counter(), os.getloadavg()
     runs, timing = [], []
@@ -316,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
             "seeds": seeds,
             "test_images": test_images,
             "runs_dir": str(args.runs_dir),
-            "mask_repeats": 0 if world_size != cells[0][0] else (1 if args.quick else 2),
+            "mask_repeats": 0 if world_size != cells[0][0] else (1 if args.quick else 3),
+            "timing_widths": TIMING_HEAD_WIDTHS,
             "timing": {"max_steps": 10 if args.quick else MASK_TIMING_STEPS, "eval_every": 10**6},
         }
         result = run_world(world_size, plan, rank_main)
@@ -336,10 +373,13 @@ def main(argv: list[str] | None = None) -> None:
             "timing": {"max_steps": 10 if args.quick else MASK_TIMING_STEPS},
             "timing_world_size": cells[0][0],
         },
-        "rows": aggregate(runs, [w for w, _ in cells]),
+        "rows": aggregate(runs, [w for w, _ in cells]) if runs else [],
         "runs": runs,
         "timing": timing,
     }
+    if args.timing_only:
+        write_report(report, timing_markdown(report), args.output_dir, "roi_timing")
+        return
     stem = "roi_quality_quick" if args.quick else "roi_quality"
     write_report(report, render_markdown(report), args.output_dir, stem)
     plot(report, args.output_dir / f"{stem}.png")

@@ -71,6 +71,7 @@ class Config:
     images_per_rank: int = 1
     rois_per_image: int = 64  # B: RoIs back-propagated per image
     iou_threshold: float = 0.7  # dedup_rois before the selection (OHEM scopes)
+    head_hidden: int = 128  # width of the RoI head's hidden layer (Fast R-CNN's fc: 4096)
     lr: float = 3e-3  # AdamW, cosine decay to lr / 20
     warmup_steps: int = 50  # linear warm-up of the learning rate
     test_images: int = 100
@@ -132,15 +133,15 @@ def roi_align(
     y = boxes[:, 1:2] + (boxes[:, 3:4] - boxes[:, 1:2]) * steps
     grid = torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), -1)
     grid = grid / IMAGE_SIZE * 2 - 1  # (R, size, size, 2) as (x, y) in [-1, 1]
-    parts, rows_of_parts = [], []
+    pooled = features.new_empty(len(boxes), features.shape[1], size, size)
     for image in image_ids.unique().tolist():
         rows = (image_ids == image).nonzero().squeeze(1)
-        image_features = features[image].expand(len(rows), -1, -1, -1)  # a view, no copy
-        parts.append(F.grid_sample(image_features, grid[rows], align_corners=False))
-        rows_of_parts.append(rows)
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat(parts)[torch.argsort(torch.cat(rows_of_parts))]
+        # One call per image, its RoIs' grids side by side: the backward scatters into
+        # this image's (C, h, w) gradient once, as RoIAlign's does.
+        grids = grid[rows].flatten(0, 1)[None]  # (1, rows x size, size, 2)
+        sampled = F.grid_sample(features[image : image + 1], grids, align_corners=False)
+        pooled[rows] = sampled[0].unflatten(1, (len(rows), size)).transpose(0, 1)
+    return pooled
 
 
 class RoIHead(nn.Module):
@@ -358,7 +359,7 @@ def train(cfg: Config) -> dict | None:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    backbone, head = DDP(Backbone()), DDP(RoIHead())
+    backbone, head = DDP(Backbone()), DDP(RoIHead(hidden=cfg.head_hidden))
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(
