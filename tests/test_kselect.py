@@ -86,7 +86,7 @@ def vectors(draw, min_size: int = 1, max_size: int = 400):
     return values, candidate
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(batch=vectors(), data=st.data(), numpy_path=st.booleans())
 def test_single_rank_algorithms_match_the_sort(batch, data, numpy_path):
     values, candidate = batch
@@ -108,7 +108,7 @@ def test_single_rank_algorithms_match_the_sort(batch, data, numpy_path):
         assert result.kth_key == expected_kth, name
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(batch=vectors(min_size=2), data=st.data())
 def test_radix_on_a_key_range_holding_every_key(batch, data):
     values, _ = batch
@@ -120,7 +120,7 @@ def test_radix_on_a_key_range_holding_every_key(batch, data):
     assert torch.equal(result.picked, top_m_mask(keys, torch.ones_like(keys, dtype=torch.bool), m))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(batch=vectors(), data=st.data())
 def test_bracket_bounds_are_sampled_keys_or_extremes_and_ordered(batch, data):
     values, candidate = batch
