@@ -1,6 +1,6 @@
 """Run: ``flock /tmp/bench.lock python bench/micro_batch_memory.py`` (~1 min on 2 cores).
 
-Peak activation memory of ``ohem_step`` against ``micro_batch_size`` (DESIGN.md §9), next
+Peak activation memory of ``ohem_step`` against ``micro_batch_size`` (docs/DESIGN.md §9), next
 to plain training and ``ohem_step`` without micro-batches, on 1 and 2 CPU ranks (gloo +
 DDP, one thread a rank). Writes ``micro_batch_memory.json`` and ``.md`` to
 ``bench/results/``.

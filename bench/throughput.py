@@ -16,7 +16,7 @@ hits all of them alike, and the reported step time is the median over ``--repeat
 repeats after ``--warmup`` untimed steps per method.
 
 Speedup = plain step time / method step time in the same run; examples/s counts the
-K = W x batch examples consumed per step. The ideal of DESIGN.md §6 is 3K / (K + 3M)
+K = W x batch examples consumed per step. The ideal of docs/DESIGN.md §6 is 3K / (K + 3M)
 for the two-pass methods (cost K*F + M*(F + B) with B = 2F) and 1 for mask mode; the
 column "ideal (B/F)" puts this model's backward/forward ratio r in place of 2:
 K(1 + r) / (K + M(1 + r)), with r the median CPU time of plain training's backward over
@@ -557,7 +557,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- plain step: {plain}; backward/forward CPU time of plain: {bf} "
         "(W=1's is the model's r; W=2's backward also runs the gradient all-reduce)",
         "- speedup = plain step / method step (same run); examples/s = K / step, "
-        "K = W x batch; ideal = 3K/(K+3M) (DESIGN §6, B = 2F), 1 for plain and mask; "
+        "K = W x batch; ideal = 3K/(K+3M) (docs/DESIGN.md §6, B = 2F), 1 for plain and mask; "
         "ideal (B/F) = K(1+r)/(K+M(1+r)) with r = backward/forward CPU time of plain at W=1",
         "- CPU ms: median of the slowest rank's process CPU time per step (user + system, "
         "all threads; blocked waits and slices lost to other processes excluded), CPU "

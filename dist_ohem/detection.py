@@ -1,4 +1,4 @@
-"""RoI mining, the OHEM paper's case (DESIGN.md §10).
+"""RoI mining, the OHEM paper's case (docs/DESIGN.md §10).
 
 A region-based detector scores every RoI (proposal) of its images with a read-only RoI
 head, removes near-duplicate RoIs by a greedy NMS that uses the loss as the score
@@ -190,7 +190,7 @@ def _describe(value: object) -> str:
 
 @dataclass
 class RoISelection:
-    """The RoIs one rank back-propagates, and how to weight them (DESIGN.md §4).
+    """The RoIs one rank back-propagates, and how to weight them (docs/DESIGN.md §4).
 
     Attributes:
         mask: ``(R,)`` bool, the selected RoIs owned by this rank.
@@ -269,7 +269,7 @@ class RoISelector:
     the top ``rois_per_image * images_per_rank * W`` over all ranks' RoIs,
     ``"local"`` each rank's own top ``rois_per_image * images_per_rank``, ``"random"``
     the global count uniformly at random among the survivors (identical on all ranks),
-    ``"all"`` every survivor. Ties go to the lower global index (rank-major, DESIGN §2).
+    ``"all"`` every survivor. Ties go to the lower global index (rank-major, docs/DESIGN.md §2).
 
     Args:
         rois_per_image: B, RoIs back-propagated per image (the paper's 64 or 128 / 2).

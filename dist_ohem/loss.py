@@ -44,7 +44,7 @@ def per_instance_criterion(
 
 
 class OHEMLoss(nn.Module):
-    """Online hard example mining over the whole data-parallel batch (DESIGN.md §4).
+    """Online hard example mining over the whole data-parallel batch (docs/DESIGN.md §4).
 
     One forward and backward over every instance; unselected instances get zero weight.
     Call it on every rank each step, like the loss it wraps::
@@ -195,7 +195,7 @@ def normalization_scale(
     grad_average: bool = True,
     group: object = None,
 ) -> float:
-    """``c / M`` of DESIGN.md §4 (``c`` = world size when ``grad_average``, else 1).
+    """``c / M`` of docs/DESIGN.md §4 (``c`` = world size when ``grad_average``, else 1).
 
     ``reduction="sum"`` drops the ``1 / M``; with M = 0 the divisor is 1 (nothing selected).
     """
@@ -212,7 +212,7 @@ def masked_loss(
     grad_average: bool = True,
     group: object = None,
 ) -> torch.Tensor:
-    """``(c / M) * sum(losses[result.mask])`` per DESIGN.md §4, connected to the graph.
+    """``(c / M) * sum(losses[result.mask])`` per docs/DESIGN.md §4, connected to the graph.
 
     With nothing selected the value is 0 but still depends on ``losses``, so the
     backward pass and DDP's gradient all-reduce run on every rank. ``torch.where`` (not

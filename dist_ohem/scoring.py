@@ -1,6 +1,6 @@
 """The scoring pass's parts: per-example losses over valid positions, scores, input checks.
 
-Used by :func:`dist_ohem.ohem_step` (DESIGN.md §9). An example's loss is the mean of the
+Used by :func:`dist_ohem.ohem_step` (docs/DESIGN.md §9). An example's loss is the mean of the
 criterion's per-instance losses over its *valid positions*: with one integer target
 tensor of shape ``(N, ...)``, the positions not equal to ``ignore_index``. An example with
 no valid position is invalid: not counted in K, never selected, never trained.

@@ -1,4 +1,4 @@
-"""ohem_step: two-pass OHEM that back-propagates only the selected examples (DESIGN.md §6, §9).
+"""ohem_step: two-pass OHEM that back-propagates only the selected examples (docs/DESIGN.md §6, §9).
 
 1. *Scoring*: forward over the local batch under ``torch.no_grad()`` through the
    unwrapped module (no DDP/DeepSpeed hooks, no activations kept), in chunks of

@@ -35,7 +35,7 @@ def train_record(
     stats: list[float],
     phase_s: dict[str, float],
 ) -> dict[str, object]:
-    """One JSONL line for an optimizer step: global loss and selection (DESIGN.md §8).
+    """One JSONL line for an optimizer step: global loss and selection (docs/DESIGN.md §8).
 
     ``stats``: the all-reduced [stop flags, hard examples in the batch, hard examples
     selected, examples trained per rank (W), step seconds per rank (W)].

@@ -1,7 +1,7 @@
 """Shared data and single-process references for the distributed parity tests.
 
 Every rank builds the same *global* batch from a seed and keeps its own slice
-(rank-major, DESIGN.md §2), so the concatenation of the slices is the batch that the
+(rank-major, docs/DESIGN.md §2), so the concatenation of the slices is the batch that the
 single-process reference sees.
 """
 
@@ -169,7 +169,7 @@ def token_batch(
 
 
 def reference_count(rule: dict, num_valid: int) -> int:
-    """M for a ``keep`` or ``top_k`` rule with optional ``min_kept`` (DESIGN.md §3)."""
+    """M for a ``keep`` or ``top_k`` rule with optional ``min_kept`` (docs/DESIGN.md §3)."""
     min_kept = rule.get("min_kept", 0)
     if "keep" in rule:
         # A product within 1e-9 of an integer counts as that integer.
@@ -181,7 +181,7 @@ def reference_count(rule: dict, num_valid: int) -> int:
 
 def brute_force_top(scores: torch.Tensor, valid: torch.Tensor, count: int) -> torch.Tensor:
     """Bool mask of the ``count`` valid entries with the highest score, ties to the lower
-    index (DESIGN.md §2), by sorting Python tuples."""
+    index (docs/DESIGN.md §2), by sorting Python tuples."""
     order = sorted(
         (i for i in range(len(scores)) if bool(valid[i])),
         key=lambda i: (-float(scores[i]), i),

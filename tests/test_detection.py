@@ -1,4 +1,4 @@
-"""dedup_rois against a brute-force greedy NMS; box_iou and input errors (DESIGN.md §10)."""
+"""dedup_rois against a brute-force greedy NMS; box_iou and input errors (docs/DESIGN.md §10)."""
 
 from __future__ import annotations
 

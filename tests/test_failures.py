@@ -1,4 +1,4 @@
-"""DESIGN.md §7: bad input on one rank makes every rank raise the same error, never hang."""
+"""docs/DESIGN.md §7: bad input on one rank makes every rank raise the same error, never hang."""
 
 from __future__ import annotations
 

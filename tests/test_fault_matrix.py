@@ -1,4 +1,4 @@
-"""The fault matrix (DESIGN.md §3, §4, §7): no hang, no lost step, in every mode and strategy.
+"""The fault matrix (docs/DESIGN.md §3, §4, §7): no hang, no lost step, in every mode and strategy.
 
 Modes: ``mask`` (OHEMLoss under DDP) and two-pass (``ohem_step`` under DDP, without and
 with ``balance``); strategies ``gather`` and ``radix``. Three families of cases:

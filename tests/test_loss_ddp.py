@@ -1,4 +1,4 @@
-"""DESIGN.md §4 invariant: DDP gradients after OHEMLoss equal the single-process reference."""
+"""docs/DESIGN.md §4 invariant: DDP gradients after OHEMLoss equal the single-process reference."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RoISelector on real gloo ranks equals one process on the concatenated RoIs (DESIGN §4, §10).
+"""RoISelector on gloo ranks equals one process on the concatenated RoIs (docs/DESIGN.md §4, §10).
 
 Every rank builds the same global set of images (different RoI counts per image, integer
 boxes with many duplicates, tied losses from repeated RoI features), keeps its own

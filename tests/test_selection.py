@@ -29,7 +29,7 @@ TIE_HEAVY = [0.0, -0.0, 0.25, 1.0, 1.0, 2.5, INF, -1.0, 1e-30, 3.0]
 
 
 def brute_force(losses, valid, positive, rule_kind, param, min_kept):
-    """Selected indices by DESIGN.md §3, written independently of dist_ohem.
+    """Selected indices by docs/DESIGN.md §3, written independently of dist_ohem.
 
     ``param`` is a Fraction for keep / neg_pos_ratio (exact arithmetic), an int for
     top_k, a float for loss_thresh.

@@ -1,4 +1,4 @@
-"""ohem_step on real batches (DESIGN.md §9): padding and ignored positions, a valid mask,
+"""ohem_step on real batches (docs/DESIGN.md §9): padding and ignored positions, a valid mask,
 one selection over micro-batches, a score that is not the loss, the logged mean loss.
 
 Every case runs under DDP on real gloo ranks and is compared with a single-process
@@ -412,7 +412,7 @@ def test_ohem_loss_score_selects_by_score_and_trains_on_loss(mask_results, case)
         for g, w in zip(grads, [p.grad for p in model.parameters()], strict=True):
             diff = (g - w).abs().max().item()
             assert diff <= TOLERANCE, f"rank {rank}: max |grad diff| {diff:.2e}"
-        assert math.isclose(last_mean_loss, float(mean), rel_tol=1e-6), rank
+        assert math.isclose(last_mean_loss, float(mean.detach()), rel_tol=1e-6), rank
 
 
 ACCUMULATION_SIZES = ((6, 0, 7), (3, 5, 2))

@@ -1,4 +1,4 @@
-"""Two-pass ohem_step under DDP: gradients equal the single-process reference (DESIGN §4, §6)."""
+"""Two-pass ohem_step under DDP: gradients equal the single-process one (docs/DESIGN.md §4, §6)."""
 
 from __future__ import annotations
 

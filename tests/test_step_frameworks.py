@@ -1,4 +1,4 @@
-"""DESIGN.md §4 invariant for ohem_step and OHEMLoss under real Accelerate and DeepSpeed.
+"""docs/DESIGN.md §4 invariant for ohem_step and OHEMLoss under real Accelerate and DeepSpeed.
 
 Each framework is launched once, as a real launcher subprocess on 2 CPU ranks (gloo),
 and runs the cases of ``tests/framework_scripts/parity_cases.py`` (balance off and on,

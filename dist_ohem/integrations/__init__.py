@@ -1,4 +1,4 @@
-"""Optional adapters for training frameworks (DESIGN.md §5).
+"""Optional adapters for training frameworks (docs/DESIGN.md §5).
 
 Each submodule imports its framework; nothing here is imported by ``import dist_ohem``:
 

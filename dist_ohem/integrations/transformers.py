@@ -196,7 +196,7 @@ def ohem_loss_func(
 
     Every rank's valid next-token predictions (labels != ``ignore_index``) form one
     distributed batch of K instances per micro-batch; the hardest M (by per-token
-    cross-entropy, DESIGN.md §2 order) over all ranks are kept, each rank
+    cross-entropy, docs/DESIGN.md §2 order) over all ranks are kept, each rank
     back-propagates the ones it owns.
 
     Exact meaning of one optimizer step with ``G = gradient_accumulation_steps``

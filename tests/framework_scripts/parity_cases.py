@@ -193,10 +193,10 @@ def train_micro_batch(
 
 
 def num_to_select(rule: dict, num_valid: int) -> int:
-    """M of DESIGN.md §3 for the ``keep`` and ``top_k`` rules (with ``min_kept``), written
+    """M of docs/DESIGN.md §3 for the ``keep`` and ``top_k`` rules (with ``min_kept``), written
     out here, independently of ``dist_ohem.selection``."""
     if "keep" in rule:
-        # DESIGN §3: a product within 1e-9 of an integer counts as that integer.
+        # docs/DESIGN.md §3: a product within 1e-9 of an integer counts as that integer.
         wanted = math.ceil(rule["keep"] * num_valid - 1e-9)
     else:
         wanted = rule["top_k"]
@@ -205,7 +205,7 @@ def num_to_select(rule: dict, num_valid: int) -> int:
 
 def hardest_mask(losses: torch.Tensor, valid: torch.Tensor, rule: dict) -> torch.Tensor:
     """The reference selection on a concatenated batch: sort the valid ``(K,)`` losses by
-    DESIGN.md §2 order (higher first; a stable sort puts equal losses in index order,
+    docs/DESIGN.md §2 order (higher first; a stable sort puts equal losses in index order,
     i.e. the lower global index first) and mark the first M."""
     candidates = valid.nonzero().squeeze(1)
     order = torch.sort(losses[candidates].detach(), descending=True, stable=True).indices
