@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dist_ohem import comm
+from dist_ohem.scoring import check_scores
 from dist_ohem.selector import HardExampleSelector, SelectionResult
 
 __all__ = [
@@ -139,7 +140,7 @@ class OHEMLoss(nn.Module):
         try:
             losses = self._per_instance(input, target)
             if score is not None:
-                _check_score(score, losses)
+                check_scores(score, losses, "score", "instance")
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank by fail()
             message = (
                 str(exc)
@@ -158,19 +159,6 @@ class OHEMLoss(nn.Module):
             selected_sum, result, self.selector.group, self.sync_mean_loss
         )
         return masked_loss(losses, result, self.reduction, self.grad_average, self.selector.group)
-
-
-def _check_score(score: torch.Tensor, losses: torch.Tensor) -> None:
-    if not isinstance(score, torch.Tensor) or not score.is_floating_point():
-        raise TypeError(
-            "score must be a floating-point tensor, one score per instance, got "
-            f"{getattr(score, 'dtype', type(score).__name__)}"
-        )
-    if tuple(score.shape) != tuple(losses.shape):
-        raise ValueError(
-            f"score has shape {tuple(score.shape)} but the per-instance losses have shape "
-            f"{tuple(losses.shape)}; pass one score per loss"
-        )
 
 
 def global_mean_loss(

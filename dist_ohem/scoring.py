@@ -144,17 +144,25 @@ def score_chunk(
     if score_fn is None:
         return example_losses, example_losses, has_position
     scores = score_fn(example_losses, inputs, targets)
+    check_scores(scores, example_losses, "score_fn's return value", "example")
+    return example_losses, scores.detach().to(example_losses.device), has_position
+
+
+def check_scores(scores: object, losses: torch.Tensor, what: str, unit: str) -> None:
+    """Raise unless ``scores`` is a floating tensor with one entry per ``unit`` of ``losses``.
+
+    ``what`` names the scores in the message (``"score_fn's return value"``, ``"score"``).
+    """
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise TypeError(
-            "score_fn must return a floating-point tensor of per-example scores, got "
+            f"{what} must be a floating-point tensor, one score per {unit}, got "
             f"{getattr(scores, 'dtype', type(scores).__name__)}"
         )
-    if tuple(scores.shape) != tuple(example_losses.shape):
+    if tuple(scores.shape) != tuple(losses.shape):
         raise ValueError(
-            f"score_fn returned shape {tuple(scores.shape)}, expected "
-            f"{tuple(example_losses.shape)}: one score per example"
+            f"{what} has shape {tuple(scores.shape)} but the per-{unit} losses have shape "
+            f"{tuple(losses.shape)}; pass one score per {unit}"
         )
-    return example_losses, scores.detach().to(example_losses.device), has_position
 
 
 def check_no_nan_scores(scores: torch.Tensor, example_valid: torch.Tensor) -> None:

@@ -550,7 +550,7 @@ BAD_INPUTS = [
     BadInput("micro_batch_negative", bad_micro_batch_on_rank_1, "got -1; pass None"),
     BadInput("nan_score", nan_score_raise_on_rank_1, "score_fn returned 1 NaN score(s)"),
     BadInput("score_fn_raises", score_fn_raises_on_rank_1, "the reference model is not loaded"),
-    BadInput("score_shape", score_wrong_shape_on_rank_1, "score_fn returned shape (4,)"),
+    BadInput("score_shape", score_wrong_shape_on_rank_1, "score_fn's return value has shape (4,)"),
     BadInput("score_dtype", score_wrong_dtype_on_rank_1, "floating-point tensor"),
     BadInput("mask_score_shape", mask_score_wrong_shape_on_rank_1, "score has shape (3,)"),
     BadInput("mask_score_nan", mask_score_nan_on_rank_1, "1 NaN loss(es)"),
