@@ -201,6 +201,8 @@ class HardExampleSelector:
         self._payload: _Payload | None = None
         # Per call only the caller's settings are added (see _row).
         self._config_repr = repr((self.rule, scope, strategy, nan, self.seed))
+        # (repr of the last caller_config, fingerprint of it with the selector's config).
+        self._fingerprint: tuple[str | None, int] = (None, 0)
 
     def __repr__(self) -> str:
         rule = {k: v for k, v in vars(self.rule).items() if v is not None and v != 0}
@@ -378,7 +380,11 @@ class HardExampleSelector:
 
     def _row(self, batch: _LocalBatch, caller_config: object) -> list[int | torch.Tensor]:
         """This rank's header row, in column order (device counts stay 0-dim tensors)."""
-        fingerprint = f"{self._config_repr}|{caller_config!r}".encode()
+        caller_repr = repr(caller_config)
+        if self._fingerprint[0] != caller_repr:  # hashed once per distinct caller config
+            fingerprint = f"{self._config_repr}|{caller_repr}".encode()
+            digest = hashlib.blake2b(fingerprint, digest_size=7).digest()
+            self._fingerprint = (caller_repr, int.from_bytes(digest))
         columns = {
             _NUMEL: batch.losses.numel(),
             _VALID: batch.num_valid,
@@ -387,7 +393,7 @@ class HardExampleSelector:
             _CANDIDATES: batch.num_candidates,
             _ABOVE: batch.num_above,
             _MIN_ABOVE_KEY: batch.min_above_key,
-            _CONFIG: int.from_bytes(hashlib.blake2b(fingerprint, digest_size=7).digest()),
+            _CONFIG: self._fingerprint[1],
             _KEY_BITS: torch.iinfo(kselect.key_dtype_of(batch.losses)).bits,
             _CALLS: self.num_calls,
         }

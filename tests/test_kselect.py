@@ -9,6 +9,7 @@ radix, zero-width key ranges.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -106,6 +107,19 @@ def test_single_rank_algorithms_match_the_sort(batch, data, numpy_path):
         assert torch.equal(result.picked, expected_mask), name
         assert result.per_rank == [m], name
         assert result.kth_key == expected_kth, name
+
+
+@settings(max_examples=50, deadline=None)
+@given(batch=vectors())
+def test_keys_of_orders_like_the_losses_on_both_paths(batch):
+    values, _ = batch
+    keys = kselect.keys_of(values)
+    with torch_ops_only():
+        assert torch.equal(kselect.keys_of(values), keys)
+    assert keys.dtype == (torch.int64 if values.dtype == torch.float64 else torch.int32)
+    pairs = sorted(zip(values.tolist(), keys.tolist(), strict=True))
+    for (loss_a, key_a), (loss_b, key_b) in itertools.pairwise(pairs):
+        assert (key_a < key_b) if loss_a < loss_b else (key_a == key_b)
 
 
 @settings(max_examples=50, deadline=None)
