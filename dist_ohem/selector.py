@@ -20,7 +20,6 @@ One call does, on every rank:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from dist_ohem import comm, kselect
+from dist_ohem.local_batch import NO_KEY, LocalBatch, empty_batch, prepare
 from dist_ohem.selection import SelectionRule, key_to_loss, random_keys, top_m_mask
 
 __all__ = ["HardExampleSelector", "SelectionResult"]
@@ -57,7 +57,6 @@ AUTO_BRACKET_MIN_KEYS = 1 << 18
     _CALLS,
 ) = range(10)
 _HEADER = 10
-_NO_KEY = 2**63 - 1  # the min of no keys
 
 
 @dataclass
@@ -92,38 +91,6 @@ class SelectionResult:
     scope: str
     num_nan_global: int = 0
     num_instances_global: int = 0
-
-
-@dataclass
-class _LocalBatch:
-    """This rank's flattened inputs and their counts, before any communication.
-
-    Masks are None when trivially so (``candidate``: every instance; ``forced``,
-    ``above``: none) and counts are 0-dim tensors when the device holds them.
-    """
-
-    losses: torch.Tensor
-    candidate: torch.Tensor | None = None
-    forced: torch.Tensor | None = None
-    above: torch.Tensor | None = None
-    num_valid: int | torch.Tensor = 0
-    num_nan: int | torch.Tensor = 0
-    num_forced: int | torch.Tensor = 0
-    num_candidates: int | torch.Tensor = 0
-    num_above: int | torch.Tensor = 0
-    min_above_key: int | torch.Tensor = _NO_KEY
-    valid: torch.Tensor | None = None
-
-    @functools.cached_property
-    def keys(self) -> torch.Tensor:
-        """Hardness keys of the losses, computed once when an algorithm needs them."""
-        return kselect.keys_of(self.losses)
-
-    def candidate_mask(self) -> torch.Tensor:
-        """``candidate`` as a tensor."""
-        if self.candidate is None:
-            return torch.ones_like(self.losses, dtype=torch.bool)
-        return self.candidate
 
 
 @dataclass(frozen=True)
@@ -265,11 +232,11 @@ class HardExampleSelector:
         batch = None
         if error is None:
             try:
-                batch = self._prepare(losses, valid, positive)
+                batch = prepare(losses, valid, positive, self.rule, self.scope, self.nan)
             except (TypeError, ValueError) as exc:
                 error = str(exc)
         if batch is None:
-            batch = _empty_batch(losses)
+            batch = empty_batch(losses)
         payload = self._payload
         rows, gathered = comm.exchange_rank_rows(
             self._row(batch, caller_config),
@@ -326,60 +293,7 @@ class HardExampleSelector:
 
     # -- local part -------------------------------------------------------------------
 
-    def _prepare(
-        self,
-        losses: torch.Tensor,
-        valid: torch.Tensor | None,
-        positive: torch.Tensor | None,
-    ) -> _LocalBatch:
-        if not isinstance(losses, torch.Tensor) or not losses.is_floating_point():
-            raise TypeError(
-                "losses must be a floating-point tensor of per-instance losses, got "
-                f"{getattr(losses, 'dtype', type(losses).__name__)}"
-            )
-        for name, extra in (("valid", valid), ("positive", positive)):
-            if extra is not None and tuple(extra.shape) != tuple(losses.shape):
-                raise ValueError(
-                    f"`{name}` has shape {tuple(extra.shape)} but losses have shape "
-                    f"{tuple(losses.shape)}; pass one mask entry per loss"
-                )
-        if self.rule.needs_positive and positive is None and self.scope != "all":
-            raise ValueError(
-                "neg_pos_ratio needs `positive=`, a bool mask marking the positive instances"
-            )
-        flat = losses.detach().reshape(-1)
-        batch = _LocalBatch(losses=flat, num_valid=flat.numel())
-        batch.valid = None if valid is None else valid.reshape(-1).to(torch.bool)
-        usable = batch.valid
-        if self.nan == "raise":
-            # A flag, not a count: NaN anywhere makes every rank raise after the exchange
-            # (which counts them then). amax propagates NaN, one cheap reduction.
-            if usable is None:
-                batch.num_nan = kselect.any_nan(flat) if flat.numel() else 0
-            else:
-                batch.num_nan = (torch.isnan(flat) & usable).any()
-        else:
-            nan = torch.isnan(flat)
-            batch.num_nan = (nan if usable is None else nan & usable).sum()
-            usable = ~nan if usable is None else usable & ~nan
-        if usable is not None:
-            batch.num_valid = usable.sum()
-        if self.rule.needs_positive and self.scope != "all":
-            valid_mask = torch.ones_like(flat, dtype=torch.bool) if usable is None else usable
-            batch.forced, batch.candidate = self.rule.split(
-                valid_mask, positive.reshape(-1).to(torch.bool)
-            )
-            batch.num_forced, batch.num_candidates = batch.forced.sum(), batch.candidate.sum()
-        else:
-            batch.candidate, batch.num_candidates = usable, batch.num_valid
-        if self.rule.loss_thresh is not None and self.scope != "all":
-            batch.above = self.rule.above_threshold(flat, batch.candidate_mask())
-            batch.num_above = batch.above.sum()
-            if flat.numel():
-                batch.min_above_key = batch.keys.to(torch.int64).where(batch.above, _NO_KEY).min()
-        return batch
-
-    def _row(self, batch: _LocalBatch, caller_config: object) -> list[int | torch.Tensor]:
+    def _row(self, batch: LocalBatch, caller_config: object) -> list[int | torch.Tensor]:
         """This rank's header row, in column order (device counts stay 0-dim tensors)."""
         caller_repr = repr(caller_config)
         if self._fingerprint[0] != caller_repr:  # hashed once per distinct caller config
@@ -400,7 +314,7 @@ class HardExampleSelector:
         }
         return [columns[column] for column in range(_HEADER)]
 
-    def _payload_words(self, batch: _LocalBatch, payload: _Payload) -> torch.Tensor:
+    def _payload_words(self, batch: LocalBatch, payload: _Payload) -> torch.Tensor:
         """``payload.words`` int64 words: this rank's keys or sample, zeros when unusable."""
         fits = kselect.key_dtype_of(batch.losses) == payload.key_dtype
         if payload.kind == "keys" and fits and batch.losses.numel() <= payload.capacity:
@@ -429,7 +343,7 @@ class HardExampleSelector:
                     f"{what} differs between rank 0 and rank(s) {differing}; {fix}"
                 )
 
-    def _check_nan(self, rows: list[list[int]], batch: _LocalBatch) -> None:
+    def _check_nan(self, rows: list[list[int]], batch: LocalBatch) -> None:
         """Under ``nan="raise"``, every rank raises when any rank flagged a NaN loss."""
         if self.nan != "raise" or not any(row[_NAN] for row in rows):
             return
@@ -480,7 +394,7 @@ class HardExampleSelector:
 
     def _select_global(
         self,
-        batch: _LocalBatch,
+        batch: LocalBatch,
         rows: list[list[int]],
         rank: int,
         strategy: str,
@@ -552,33 +466,18 @@ class HardExampleSelector:
             )
         return selection.picked, selection.per_rank, selection.kth_key
 
-    def _global_min_key(self, batch: _LocalBatch) -> int:
+    def _global_min_key(self, batch: LocalBatch) -> int:
         """Smallest candidate key over all ranks: one all-gather, when everything is picked."""
         if batch.losses.numel() == 0:
-            local = batch.losses.new_full((1,), _NO_KEY, dtype=torch.int64)
+            local = batch.losses.new_full((1,), NO_KEY, dtype=torch.int64)
         else:
-            local = batch.keys.to(torch.int64).where(batch.candidate_mask(), _NO_KEY).amin()
+            local = batch.keys.to(torch.int64).where(batch.candidate_mask(), NO_KEY).amin()
         rows, _ = comm.exchange_rank_rows([local], None, self.group, device=local.device)
         return min(row[0] for row in rows)
 
 
 def _key_to_threshold(kth_key: int | None, loss_dtype: torch.dtype) -> float:
     return math.nan if kth_key is None else key_to_loss(kth_key, loss_dtype)
-
-
-def _empty_batch(losses: object) -> _LocalBatch:
-    dtype = getattr(losses, "dtype", torch.float32)
-    device = getattr(losses, "device", torch.device("cpu"))
-    loss_dtype = (
-        dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-    )
-    empty = torch.zeros(0, dtype=torch.bool, device=device)
-    return _LocalBatch(
-        losses=torch.zeros(0, dtype=loss_dtype, device=device),
-        candidate=empty,
-        forced=empty,
-        above=empty,
-    )
 
 
 def _round_up_capacity(numel: int) -> int:

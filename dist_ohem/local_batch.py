@@ -1,0 +1,122 @@
+"""This rank's flattened losses, masks and counts, prepared before any communication."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from dist_ohem import kselect
+from dist_ohem.selection import SelectionRule
+
+__all__ = ["NO_KEY", "LocalBatch", "empty_batch", "prepare"]
+
+NO_KEY = 2**63 - 1  # the min of no keys
+
+
+@dataclass
+class LocalBatch:
+    """This rank's flattened inputs and their counts, before any communication.
+
+    Masks are None when trivially so (``candidate``: every instance; ``forced``,
+    ``above``: none) and counts are 0-dim tensors when the device holds them.
+    """
+
+    losses: torch.Tensor
+    candidate: torch.Tensor | None = None
+    forced: torch.Tensor | None = None
+    above: torch.Tensor | None = None
+    num_valid: int | torch.Tensor = 0
+    num_nan: int | torch.Tensor = 0
+    num_forced: int | torch.Tensor = 0
+    num_candidates: int | torch.Tensor = 0
+    num_above: int | torch.Tensor = 0
+    min_above_key: int | torch.Tensor = NO_KEY
+    valid: torch.Tensor | None = None
+
+    @functools.cached_property
+    def keys(self) -> torch.Tensor:
+        """Hardness keys of the losses, computed once when an algorithm needs them."""
+        return kselect.keys_of(self.losses)
+
+    def candidate_mask(self) -> torch.Tensor:
+        """``candidate`` as a tensor."""
+        if self.candidate is None:
+            return torch.ones_like(self.losses, dtype=torch.bool)
+        return self.candidate
+
+
+def prepare(
+    losses: torch.Tensor,
+    valid: torch.Tensor | None,
+    positive: torch.Tensor | None,
+    rule: SelectionRule,
+    scope: str,
+    nan_policy: str,
+) -> LocalBatch:
+    """Check this rank's inputs and count them, without communicating.
+
+    Raises TypeError / ValueError for bad input; the selector reports it through the
+    row exchange, so that every rank raises it.
+    """
+    if not isinstance(losses, torch.Tensor) or not losses.is_floating_point():
+        raise TypeError(
+            "losses must be a floating-point tensor of per-instance losses, got "
+            f"{getattr(losses, 'dtype', type(losses).__name__)}"
+        )
+    for name, extra in (("valid", valid), ("positive", positive)):
+        if extra is not None and tuple(extra.shape) != tuple(losses.shape):
+            raise ValueError(
+                f"`{name}` has shape {tuple(extra.shape)} but losses have shape "
+                f"{tuple(losses.shape)}; pass one mask entry per loss"
+            )
+    if rule.needs_positive and positive is None and scope != "all":
+        raise ValueError(
+            "neg_pos_ratio needs `positive=`, a bool mask marking the positive instances"
+        )
+    flat = losses.detach().reshape(-1)
+    batch = LocalBatch(losses=flat, num_valid=flat.numel())
+    batch.valid = None if valid is None else valid.reshape(-1).to(torch.bool)
+    usable = batch.valid
+    if nan_policy == "raise":
+        # A flag, not a count: NaN anywhere makes every rank raise after the exchange
+        # (which counts them then). amax propagates NaN, one cheap reduction.
+        if usable is None:
+            batch.num_nan = kselect.any_nan(flat) if flat.numel() else 0
+        else:
+            batch.num_nan = (torch.isnan(flat) & usable).any()
+    else:
+        nan = torch.isnan(flat)
+        batch.num_nan = (nan if usable is None else nan & usable).sum()
+        usable = ~nan if usable is None else usable & ~nan
+    if usable is not None:
+        batch.num_valid = usable.sum()
+    if rule.needs_positive and scope != "all":
+        valid_mask = torch.ones_like(flat, dtype=torch.bool) if usable is None else usable
+        batch.forced, batch.candidate = rule.split(valid_mask, positive.reshape(-1).to(torch.bool))
+        batch.num_forced, batch.num_candidates = batch.forced.sum(), batch.candidate.sum()
+    else:
+        batch.candidate, batch.num_candidates = usable, batch.num_valid
+    if rule.loss_thresh is not None and scope != "all":
+        batch.above = rule.above_threshold(flat, batch.candidate_mask())
+        batch.num_above = batch.above.sum()
+        if flat.numel():
+            batch.min_above_key = batch.keys.to(torch.int64).where(batch.above, NO_KEY).min()
+    return batch
+
+
+def empty_batch(losses: object) -> LocalBatch:
+    """A batch of no instances with the dtype and device of ``losses`` (if it has them)."""
+    dtype = getattr(losses, "dtype", torch.float32)
+    device = getattr(losses, "device", torch.device("cpu"))
+    loss_dtype = (
+        dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+    )
+    empty = torch.zeros(0, dtype=torch.bool, device=device)
+    return LocalBatch(
+        losses=torch.zeros(0, dtype=loss_dtype, device=device),
+        candidate=empty,
+        forced=empty,
+        above=empty,
+    )
