@@ -92,3 +92,16 @@ def launch(what: str, command: list[str], out: Path) -> dict:
     if problem is not None:
         pytest.fail(f"{what} {problem}; its output:\n{log_path.read_text()[-OUTPUT_TAIL:]}")
     return json.loads(out.read_text())
+
+
+def run_example(name: str, args: list[str], out: Path) -> dict:
+    """Run ``examples/<name>`` under torchrun on 2 CPU ranks with ``args``; rank 0's JSON.
+
+    First checks that the script's first line is the documented command that runs it.
+    """
+    script = REPO / "examples" / name
+    assert script.read_text().splitlines()[0] == (
+        f"# OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 examples/{name}"
+    )
+    command = [*launcher_command("torchrun", 2), str(script), *args]
+    return launch(f"torchrun examples/{name} {' '.join(args)}", command, out)

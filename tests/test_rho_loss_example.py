@@ -5,19 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from tests.launching import REPO, launch, launcher_command
+from tests.launching import run_example
 
 
 def test_rho_loss_example_under_torchrun(tmp_path: Path) -> None:
     """A few global RHO-LOSS steps on 2 ranks: the selection counts add up, the logged mean
     loss is finite, micro-batches were used, and selecting by excess loss keeps fewer
     mislabelled examples than the top-M by loss would have (the point of the method)."""
-    script = REPO / "examples" / "rho_loss.py"
-    assert script.read_text().splitlines()[0] == (
-        "# OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 examples/rho_loss.py"
-    )
-    command = [*launcher_command("torchrun", 2), str(script), "--steps", "6"]
-    result = launch("torchrun examples/rho_loss.py", command, tmp_path / "out.json")
+    result = run_example("rho_loss.py", ["--steps", "6"], tmp_path / "out.json")
     assert result["world_size"] == 2
     steps = result["steps"]
     assert len(steps) == 6

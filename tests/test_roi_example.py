@@ -7,26 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.launching import REPO, launch, launcher_command
+from tests.launching import run_example
 
 pytest.importorskip("pycocotools", reason="the example's COCO mAP needs the [detection] extra")
 
-SCRIPT = REPO / "examples" / "roi_detection.py"
 STEPS = 3
 
 
 @pytest.mark.parametrize("scope", ["global", "local"])
 def test_roi_example_under_torchrun(tmp_path: Path, scope: str) -> None:
-    assert SCRIPT.read_text().splitlines()[0] == (
-        "# OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 examples/roi_detection.py"
-    )
     run_dir = tmp_path / "run"
     args = [f"scope={scope}", f"max_steps={STEPS}", "test_images=4", f"run_dir={run_dir}"]
     args += ["progress=false", f"plot={'true' if scope == 'global' else 'false'}"]
-    command = [*launcher_command("torchrun", 2), str(SCRIPT), *args]
-    summary = launch(
-        f"torchrun examples/roi_detection.py scope={scope}", command, tmp_path / "s.json"
-    )
+    summary = run_example("roi_detection.py", args, tmp_path / "s.json")
     assert summary["world_size"] == 2
     assert summary["config"]["scope"] == scope
     assert 0.0 <= summary["map"] <= 1.0 and 0.0 <= summary["map50"] <= 1.0
