@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from dist_ohem import comm
-from dist_ohem.selection import KEY_SENTINEL, hardness_key
+from dist_ohem.selection import KEY_SENTINEL, hardness_key, key_dtype_for
 
 try:
     import numpy as _numpy
@@ -275,9 +275,7 @@ def keys_of(values: torch.Tensor) -> torch.Tensor:
 
 def key_dtype_of(values: torch.Tensor) -> torch.dtype:
     """Dtype of :func:`keys_of` for ``values``."""
-    if values.is_floating_point():
-        return torch.int64 if values.dtype == torch.float64 else torch.int32
-    return values.dtype
+    return key_dtype_for(values.dtype) if values.is_floating_point() else values.dtype
 
 
 def draw_sample(
