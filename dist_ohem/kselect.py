@@ -70,6 +70,13 @@ BRACKET_SIGMAS = 3.5
 BRACKET_BINS = 2048
 #: Keys of the final bin (all ranks) up to which they are gathered; above, radix.
 FINAL_BIN_GATHER_MAX = 1 << 14
+#: Room for the bracket's entries on each rank, in margins (:func:`bracket_margin`): the
+#: bracket holds about two margins of entries over all ranks, so four leave room for the
+#: sample's error. Fixed before the pass, so that extracting them needs no host sync; a
+#: rank with more (heavy ties) makes every rank fall back to radix.
+BRACKET_CAPACITY_MARGINS = 4.0
+#: Entries per block of the numpy marking pass (cache-sized blocks: one read of each).
+_MARK_BLOCK = 1 << 18
 #: Key of +inf: its bit pattern read as an integer.
 _KEY_OF_INF = {torch.int32: 0x7F800000, torch.int64: 0x7FF0000000000000}
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int32, torch.int64)
@@ -326,9 +333,7 @@ def bracket_bounds(
     """
     size = samples.shape[1]
     weights = [n / min(n, size) if n else 0.0 for n in lengths]
-    fraction = m / num_candidates
-    variance = fraction * (1 - fraction) * sum(n * n / size for n in lengths if n > size)
-    margin = BRACKET_SIGMAS * math.sqrt(variance) + 2 * max(weights)
+    margin = bracket_margin(lengths, m, num_candidates, size)
     sentinel = KEY_SENTINEL[samples.dtype]
     # Filled on the device, not copied from a host list: no host-device synchronization.
     per_key = torch.cat([samples.new_full((size,), w, dtype=torch.float64) for w in weights]).where(
@@ -344,6 +349,16 @@ def bracket_bounds(
     low_key = ordered[low_index.clamp(0, last)]
     low = torch.where((low_index <= last) & (low_key != sentinel), low_key, lowest)
     return low.to(torch.int64), high.to(torch.int64)
+
+
+def bracket_margin(lengths: list[int], m: int, num_candidates: int, size: int) -> float:
+    """Half-width of the bracket in entries: BRACKET_SIGMAS standard deviations of the
+    sample's estimate of a key's rank (``size`` sampled entries per rank) plus two sample
+    weights. A function of host numbers only."""
+    weights = [n / min(n, size) if n else 0.0 for n in lengths]
+    fraction = m / num_candidates
+    variance = fraction * (1 - fraction) * sum(n * n / size for n in lengths if n > size)
+    return BRACKET_SIGMAS * math.sqrt(variance) + 2 * max(weights)
 
 
 def extreme_keys(values: torch.Tensor) -> tuple[int, int]:
@@ -379,37 +394,47 @@ def bracket_select(
             travelled (with the selector's row); gathered here otherwise.
 
     Steps: bounds from the sample (:func:`bracket_bounds`); one pass marks every entry
-    ``>= low`` and extracts those ``<= high`` (the bracket); one all-gather of each rank's
-    count above ``high`` and histogram (BRACKET_BINS bins) of the bracket's keys; the
+    ``>= low`` and extracts those ``<= high`` (the bracket, at most
+    BRACKET_CAPACITY_MARGINS margins of them); one all-gather of each rank's count above
+    ``high``, bracket size and histogram (BRACKET_BINS bins) of the bracket's keys; the
     bin holding the m-th key is resolved by gathering its keys (or radix when more than
     FINAL_BIN_GATHER_MAX); entries of the bracket that lose are cleared from the mark.
+    Host reads on a GPU: the histograms and the final bin's counts, nothing else.
     """
     if samples is None:
         samples = comm.all_gather_equal(draw_sample(values, candidate), group)
     low, high = bracket_bounds(samples, lengths, m, num_candidates, extreme_keys(values))
-    at_least_low, num_at_least_low, inside = _mark_bracket(values, candidate, low, high)
+    margin = bracket_margin(lengths, m, num_candidates, samples.shape[1])
+    capacity = min(values.numel(), math.ceil(BRACKET_CAPACITY_MARGINS * margin))
+    at_least_low, num_at_least_low, inside, num_inside = _mark_bracket(
+        values, candidate, low, high, capacity
+    )
+    # On the torch path ``inside`` has ``capacity`` slots, the real entries first.
+    real = torch.arange(inside.numel(), device=values.device) < num_inside
     inside_keys = keys_of(values.index_select(0, inside))
     bins = _bin_of(inside_keys, low, high)
-    above_high = num_at_least_low - inside.numel()
     histogram = torch.zeros(BRACKET_BINS, dtype=torch.int64, device=values.device)
-    histogram.index_add_(0, bins, torch.ones_like(bins))
-    rows, _ = comm.exchange_rank_rows([above_high], None, group, payload=histogram)
+    histogram.index_add_(0, bins, real.long())
+    rows, _ = comm.exchange_rank_rows(
+        [num_at_least_low - num_inside, num_inside > inside.numel()], None, group, payload=histogram
+    )
 
     above_per_rank = [row[0] for row in rows]
-    bin_totals = [sum(column) for column in zip(*(row[1:] for row in rows), strict=True)]
+    bin_totals = [sum(column) for column in zip(*(row[2:] for row in rows), strict=True)]
     still_needed = m - sum(above_per_rank)
-    if still_needed <= 0 or still_needed > sum(bin_totals):  # the sample missed
+    overflowed = any(row[1] for row in rows)
+    if overflowed or still_needed <= 0 or still_needed > sum(bin_totals):  # the sample missed
         return radix_select(keys_of(values), candidate, m, rank, group)
     final_bin = BRACKET_BINS - 1
     while still_needed > bin_totals[final_bin]:
         still_needed -= bin_totals[final_bin]
         final_bin -= 1
     for r, row in enumerate(rows):
-        above_per_rank[r] += sum(row[2 + final_bin :])
-    final_lengths = [row[1 + final_bin] for row in rows]
+        above_per_rank[r] += sum(row[3 + final_bin :])
+    final_lengths = [row[2 + final_bin] for row in rows]
 
     # Its size is known from the histograms: no host sync to find the final bin's entries.
-    in_final = (bins == final_bin).nonzero_static(size=final_lengths[rank]).squeeze(1)
+    in_final = ((bins == final_bin) & real).nonzero_static(size=final_lengths[rank]).squeeze(1)
     final_keys = inside_keys[in_final]
     if sum(final_lengths) <= FINAL_BIN_GATHER_MAX:
         final = gather_select(final_keys, None, still_needed, rank, final_lengths, group)
@@ -418,7 +443,9 @@ def bracket_select(
         final = radix_select(final_keys, None, still_needed, rank, group, key_range)
     won = bins > final_bin
     won[in_final] = final.picked
-    at_least_low[inside] = won
+    # Every real bracket entry is marked: clearing the losers is a min with ``won``; the
+    # unused slots (index 0) take a min with True, which changes nothing.
+    at_least_low.view(torch.uint8).scatter_reduce_(0, inside, (won | ~real).byte(), "amin")
     per_rank = [a + b for a, b in zip(above_per_rank, final.per_rank, strict=True)]
     return KSelection(at_least_low, per_rank, final.kth_key)
 
@@ -435,29 +462,55 @@ def _bin_of(keys: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.
 
 
 def _mark_bracket(
-    values: torch.Tensor, candidate: torch.Tensor | None, low: torch.Tensor, high: torch.Tensor
-) -> tuple[torch.Tensor, int | torch.Tensor, torch.Tensor]:
-    """``(mask of candidates >= low, its count, indices of candidates in [low, high])``.
+    values: torch.Tensor,
+    candidate: torch.Tensor | None,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    capacity: int,
+) -> tuple[torch.Tensor, int | torch.Tensor, torch.Tensor, int | torch.Tensor]:
+    """``(mark, #mark, inside, #inside)``: the mask of candidates ``>= low`` and the
+    indices of the candidates in ``[low, high]``, with their counts.
 
     ``low`` and ``high`` are keys; for losses they are compared as the loss values they
-    encode (exactly representable: they are sampled losses or +-inf). The count is a
-    0-dim tensor on the torch path (no host sync).
+    encode (exactly representable: they are sampled losses or +-inf). On the numpy path
+    ``inside`` holds exactly the bracket's entries and the counts are ints. On the torch
+    path the counts are 0-dim tensors and ``inside`` has ``capacity`` slots (the entries
+    in index order, then zeros; truncated when there are more): no host sync.
     """
     low_value, high_value = (_key_to_value(key, values.dtype) for key in (low, high))
     if _on_numpy(values):
-        array = values.numpy()
-        bounds = _numpy.array([low_value.item(), high_value.item()], dtype=array.dtype)
-        at_least_low = _numpy.greater_equal(array, bounds[0])
-        if candidate is not None:
-            at_least_low &= candidate.numpy()
-        inside = _numpy.flatnonzero(at_least_low & (array <= bounds[1]))
-        count = int(_numpy.count_nonzero(at_least_low))
-        return torch.from_numpy(at_least_low), count, torch.from_numpy(inside)
+        return _mark_bracket_numpy(
+            values.numpy(),
+            None if candidate is None else candidate.numpy(),
+            low_value.item(),
+            high_value.item(),
+        )
     at_least_low = values >= low_value
     if candidate is not None:
         at_least_low &= candidate
-    inside = (at_least_low & (values <= high_value)).nonzero().squeeze(1)
-    return at_least_low, torch.count_nonzero(at_least_low), inside
+    in_bracket = at_least_low & (values <= high_value)
+    inside = in_bracket.nonzero_static(size=capacity, fill_value=0).squeeze(1)
+    return at_least_low, torch.count_nonzero(at_least_low), inside, in_bracket.count_nonzero()
+
+
+def _mark_bracket_numpy(array, candidate, low: float, high: float):
+    """:func:`_mark_bracket` on numpy arrays, block by block so each block is read once."""
+    low, high = _numpy.array([low, high], dtype=array.dtype)
+    at_least_low = _numpy.empty(array.size, dtype=bool)
+    in_bracket = _numpy.empty(min(array.size, _MARK_BLOCK), dtype=bool)
+    inside = []
+    for start in range(0, array.size, _MARK_BLOCK):
+        block = array[start : start + _MARK_BLOCK]
+        mark, bracket = at_least_low[start : start + block.size], in_bracket[: block.size]
+        _numpy.greater_equal(block, low, out=mark)
+        if candidate is not None:
+            _numpy.logical_and(mark, candidate[start : start + block.size], out=mark)
+        _numpy.less_equal(block, high, out=bracket)
+        _numpy.logical_and(bracket, mark, out=bracket)
+        inside.append(_numpy.flatnonzero(bracket) + start)
+    inside = _numpy.concatenate(inside) if inside else _numpy.zeros(0, dtype=_numpy.int64)
+    count = int(_numpy.count_nonzero(at_least_low))
+    return torch.from_numpy(at_least_low), count, torch.from_numpy(inside), inside.size
 
 
 def _on_numpy(values: torch.Tensor) -> bool:
