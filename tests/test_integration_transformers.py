@@ -2,9 +2,11 @@
 
 The parity runs are one ``torchrun`` launch of 2 CPU ranks
 (``tests/framework_scripts/transformers_trainer.py``) training a tiny GPT-2 for one
-SGD step per configuration: ``average_tokens_across_devices`` on and off, gradient
-accumulation 1 and 2 (one rank with no valid token in a micro-batch), M = 1 (one rank
-selects nothing), and a bare ``OHEMLoss`` that shows the Trainer's rescaling.
+epoch per configuration, one SGD step: ``average_tokens_across_devices`` on and off,
+gradient accumulation 1 and 2 (one rank with no valid token in a micro-batch), M = 1 (one
+rank selects nothing), and a bare ``OHEMLoss`` that shows the Trainer's rescaling; and
+an epoch of 3 micro-batches with accumulation 2, whose last optimizer step has one
+micro-batch, followed by an evaluation.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,7 +31,7 @@ pytest.importorskip("transformers")
 from transformers import TrainingArguments
 
 from dist_ohem import DistributedInputError
-from dist_ohem.integrations.transformers import ohem_loss_func
+from dist_ohem.integrations.transformers import TrainerOHEMLoss, ohem_loss_func
 from tests.framework_scripts.parity_cases import hardest_mask
 
 #: The configurations of transformers_trainer.py, with the micro-batches each runs.
@@ -38,6 +41,7 @@ CORRECTED = {
     "no-avg-tokens-ga1": 1,
     "no-avg-tokens-ga2": 2,
     "avg-tokens-ga2-top1": 2,
+    "avg-tokens-ga2-last-partial": 3,
 }
 #: Bare OHEMLoss: the update is W x too large with average_tokens_across_devices, and
 #: G x more with G accumulation steps (the Trainer does not divide a compute_loss_func).
@@ -57,8 +61,19 @@ def test_trainer_update_and_logged_loss_match_single_process(trainer_results, na
     assert result["micro_batches"] == CORRECTED[name]
     check_parity(result, name)
     assert result["update_ratio"] == pytest.approx(1.0, abs=1e-5)
-    # The logged loss is the mean over micro-batches of each one's global OHEM mean.
-    assert result["logged_loss"] == [pytest.approx(result["reference_loss"], rel=1e-6)]
+    # Each step's logged loss is the mean over its micro-batches of each one's global
+    # OHEM mean; eval_loss the evaluation batch's global OHEM mean (no division).
+    assert result["logged_loss"] == pytest.approx(result["reference_loss"], rel=1e-6)
+    assert result["eval_loss"] == pytest.approx(result["reference_eval_loss"], rel=1e-6)
+
+
+def test_trainer_epoch_ends_with_a_partial_accumulation_step(trainer_results):
+    """3 micro-batches per rank with G = 2: two optimizer steps, the last of one
+    micro-batch (its parity is checked above), then one evaluation batch."""
+    result = record(trainer_results, "avg-tokens-ga2-last-partial")
+    assert (result["accumulation"], result["micro_batches"]) == (2, 3)
+    assert result["optimizer_steps"] == len(result["logged_loss"]) == 2
+    assert len(result["eval_loss"]) == len(result["reference_eval_loss"]) == 1
 
 
 def test_trainer_cases_cover_idle_ranks(trainer_results):
@@ -111,6 +126,15 @@ def cached_training_args(accumulation: int) -> TrainingArguments:
     )
 
 
+def trainer_stand_in(loss_func: TrainerOHEMLoss, micro_batches: int) -> SimpleNamespace:
+    """What ``attach`` and the loss read of a Trainer: its ``compute_loss_func`` and the
+    micro-batches of the optimizer step being accumulated (``Trainer._run_epoch`` sets
+    ``current_gradient_accumulation_steps``; the real Trainer runs are above)."""
+    return SimpleNamespace(
+        compute_loss_func=loss_func, current_gradient_accumulation_steps=micro_batches
+    )
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     batch=st.integers(1, 3),
@@ -119,25 +143,30 @@ def cached_training_args(accumulation: int) -> TrainingArguments:
     keep=st.sampled_from([0.1, 0.25, 0.4, 1.0]),
     ignore_fraction=st.sampled_from([0.0, 0.5, 1.0]),
     shift_labels=st.booleans(),
-    accumulation=st.sampled_from([1, 3]),
+    # (G, micro-batches of the current step; None: no Trainer attached, G = 1).
+    accumulation=st.sampled_from([(1, None), (3, 3), (3, 2), (3, 1)]),
+    grad=st.booleans(),
     counted=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_single_process_value_is_the_ohem_mean_over_accumulation(
-    batch, length, vocab, keep, ignore_fraction, shift_labels, accumulation, counted, seed
+    batch, length, vocab, keep, ignore_fraction, shift_labels, accumulation, grad, counted, seed
 ):
-    """W = 1: the value is mean(top-M token losses) / G, 0 with no valid token; ignored
+    """W = 1: the value is mean(top-M token losses) / n for the current step's n
+    micro-batches (1 with autograd disabled: evaluation), 0 with no valid token; ignored
     tokens never count; whether the Trainer counted ``num_items_in_batch`` (it then
     multiplies by W = 1) changes nothing."""
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, length, vocab, generator=gen, requires_grad=True)
     labels = torch.randint(0, vocab, (batch, length), generator=gen)
     labels[torch.rand(batch, length, generator=gen) < ignore_fraction] = -100
-    loss_func = ohem_loss_func(
-        cached_training_args(accumulation), keep=keep, shift_labels=shift_labels
-    )
+    steps, micro_batches = accumulation
+    loss_func = ohem_loss_func(cached_training_args(steps), keep=keep, shift_labels=shift_labels)
+    if micro_batches is not None:
+        loss_func.attach(trainer_stand_in(loss_func, micro_batches))
     num_items = torch.tensor(int((labels != -100).sum())) if counted else None
-    value = loss_func({"logits": logits}, labels, num_items_in_batch=num_items)
+    with torch.set_grad_enabled(grad):
+        value = loss_func({"logits": logits}, labels, num_items_in_batch=num_items)
 
     predicted, targets = (logits[:, :-1], labels[:, 1:]) if shift_labels else (logits, labels)
     losses = nn.functional.cross_entropy(
@@ -147,9 +176,24 @@ def test_single_process_value_is_the_ohem_mean_over_accumulation(
     mask = hardest_mask(losses, valid, {"keep": keep})
     assert int(mask.sum()) == (math.ceil(keep * int(valid.sum()) - 1e-9))
     assert loss_func.last.num_valid_global == int(valid.sum())
-    expected = losses[mask].mean() / accumulation if mask.any() else torch.zeros(())
-    torch.testing.assert_close(value, expected)
-    value.backward()  # connected to the graph even with nothing selected
+    divisor = micro_batches if grad and micro_batches is not None else 1
+    expected = losses[mask].mean() / divisor if mask.any() else torch.zeros(())
+    torch.testing.assert_close(value, expected.detach())
+    if grad:
+        value.backward()  # connected to the graph even with nothing selected
+
+
+def test_accumulation_without_attached_trainer_is_a_clear_error():
+    """G > 1 needs the Trainer's count for the epoch's last, possibly shorter, step;
+    evaluation (autograd off) divides by nothing and needs none."""
+    loss_func = ohem_loss_func(cached_training_args(3), keep=0.5)
+    logits, labels = torch.zeros(2, 5, 7), torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"attach\(trainer\)"):
+        loss_func({"logits": logits}, labels)
+    with torch.no_grad():
+        assert loss_func({"logits": logits}, labels).item() == pytest.approx(math.log(7))
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        loss_func.attach(trainer_stand_in(ohem_loss_func(cached_training_args(3), keep=0.5), 3))
 
 
 def ranked_bad_output(rank_without_logits: int) -> str:

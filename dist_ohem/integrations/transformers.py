@@ -6,6 +6,7 @@
 
     loss_func = ohem_loss_func(args, keep=0.25)
     trainer = Trainer(model, args, train_dataset=dataset, compute_loss_func=loss_func)
+    loss_func.attach(trainer)  # needed with gradient_accumulation_steps > 1
 
 Why a dedicated function and not ``OHEMLoss`` as the ``compute_loss_func``: the Trainer
 rescales what a ``compute_loss_func`` returns, assuming it is a sum over the tokens of
@@ -34,16 +35,43 @@ the step divided by ``num_items_in_batch``. In transformers 5.24
       if not loss_is_scaled_for_ga:
           loss = loss / self.current_gradient_accumulation_steps
 
-  so each of G micro-batches would count fully: the update G times too large. (Leave
+  so each micro-batch would count fully: the update G times too large. (Leave
   ``Trainer.loss_is_scaled_for_ga`` at its default None: set to False, the Trainer
-  would divide by G a second time.)
+  would divide a second time.)
 
-The function returned here undoes both. What is logged: ``Trainer._maybe_log_save_evaluate``
-(line 2257) logs ``nested_gather(tr_loss).mean()`` over ranks, divided by the optimizer
-steps since the last log, where ``tr_loss`` sums the returned (and rescaled) values of the
-micro-batches. After the Trainer's rescaling each rank's value is its share
-``(W / (G M)) * sum of its selected token losses``; their mean over ranks is exactly the
-OHEM mean over the selected tokens of the micro-batch divided by G, so the logged
+The function returned here undoes both. The number n of micro-batches an optimizer step
+sums is G except for the epoch's last step when the epoch's batches per rank are not a
+multiple of G. ``Trainer._run_epoch`` (lines 1870-1885) sets n before the step's first
+micro-batch::
+
+    remainder = steps_in_epoch % self.args.gradient_accumulation_steps
+    if remainder == 0:
+        remainder = self.args.gradient_accumulation_steps
+    for update_step in range(num_update_steps_trained, num_update_steps_per_epoch):
+        num_batches = (
+            self.args.gradient_accumulation_steps
+            if update_step != (num_update_steps_per_epoch - 1) else remainder
+        )
+        batch_samples, num_items_in_batch = self.get_batch_samples(...)
+        self.current_gradient_accumulation_steps = len(batch_samples)
+
+(``num_items_in_batch`` counts only those n micro-batches, which is how the Trainer's
+own token-mean loss stays exact.) The function cannot see n in its arguments, so
+:meth:`TrainerOHEMLoss.attach` gives it the Trainer, whose
+``current_gradient_accumulation_steps`` it divides by. Without ``attach``, a training
+call with G > 1 raises instead of dividing the epoch's last step by the wrong n.
+Evaluation (``Trainer.prediction_step``, ``torch.no_grad()`` at line 3247) accumulates
+nothing: a call with autograd disabled is not divided by any n, so the ranks' values of
+an evaluation batch average to its global OHEM mean, and with equal batch sizes on every
+rank ``eval_loss`` (``Trainer.evaluation_loop`` averages each rank's value repeated
+batch-size times, line 3007) is the mean over the evaluation batches of those means.
+
+What is logged: ``Trainer._maybe_log_save_evaluate`` (line 2257) logs
+``nested_gather(tr_loss).mean()`` over ranks, divided by the optimizer steps since the
+last log, where ``tr_loss`` sums the returned (and rescaled) values of the micro-batches.
+After the Trainer's rescaling each rank's value is its share
+``(W / (n M)) * sum of its selected token losses``; their mean over ranks is exactly the
+OHEM mean over the selected tokens of the micro-batch divided by n, so the logged
 ``loss`` is the true global OHEM objective (below), averaged over the logged steps.
 Nothing else is needed for correct logging.
 """
@@ -57,7 +85,7 @@ import torch
 from torch import nn
 
 try:
-    from transformers import TrainingArguments
+    from transformers import Trainer, TrainingArguments
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "dist_ohem.integrations.transformers needs transformers: "
@@ -72,13 +100,17 @@ __all__ = ["TrainerOHEMLoss", "ohem_loss_func"]
 class TrainerOHEMLoss:
     """A ``compute_loss_func`` for ``transformers.Trainer``: global OHEM over tokens.
 
-    Build it with :func:`ohem_loss_func`. Called by the Trainer as
+    Build it with :func:`ohem_loss_func`, pass it as the Trainer's ``compute_loss_func``
+    and :meth:`attach` it to that Trainer. Called by the Trainer as
     ``loss_func(outputs, labels, num_items_in_batch=...)`` on every rank, once per
     micro-batch.
 
     Attributes:
         criterion: the :class:`dist_ohem.OHEMLoss` doing the selection (per-token
             cross-entropy with ``ignore_index``).
+        trainer: the Trainer given to :meth:`attach` (None before), whose
+            ``current_gradient_accumulation_steps`` is the number of micro-batches of
+            the optimizer step being accumulated.
         last: the :class:`dist_ohem.SelectionResult` of the last micro-batch (K = valid
             predicted tokens over all ranks, M = tokens selected, ``selected_per_rank``).
     """
@@ -109,6 +141,28 @@ class TrainerOHEMLoss:
         # OHEMLoss's extra all-reduce for last_mean_loss is off unless asked for.
         selector_kwargs = {"sync_mean_loss": False, **selector_kwargs}
         self.criterion = OHEMLoss(nn.CrossEntropyLoss(ignore_index=ignore_index), **selector_kwargs)
+        self.trainer: Trainer | None = None
+
+    def attach(self, trainer: Trainer) -> None:
+        """Read the micro-batch count of each optimizer step from ``trainer``.
+
+        Needed with ``gradient_accumulation_steps`` G > 1 (a training call raises
+        otherwise): the epoch's last optimizer step can have fewer than G micro-batches,
+        and only the Trainer knows how many (module docstring). With G = 1 every step
+        has one and ``attach`` changes nothing.
+
+        Args:
+            trainer: the ``transformers.Trainer`` built with this ``compute_loss_func``.
+
+        Raises:
+            ValueError: ``trainer`` was not built with ``compute_loss_func=self``.
+        """
+        if getattr(trainer, "compute_loss_func", None) is not self:
+            raise ValueError(
+                "attach needs the Trainer built with compute_loss_func=this loss function, "
+                f"got a {type(trainer).__name__} whose compute_loss_func is another object"
+            )
+        self.trainer = trainer
 
     @property
     def last(self) -> SelectionResult | None:
@@ -132,19 +186,43 @@ class TrainerOHEMLoss:
                 (the Trainer rescales the loss only when it is set).
 
         Returns:
-            Scalar ``(W / M) * sum(this rank's selected token losses) / (G * s)``, where
-            ``G = gradient_accumulation_steps`` and ``s`` is the factor the Trainer then
+            Scalar ``(W / M) * sum(this rank's selected token losses) / (n * s)``, where
+            ``n`` is the number of micro-batches of the current optimizer step (1 with
+            autograd disabled: evaluation) and ``s`` the factor the Trainer then
             multiplies by (W with ``average_tokens_across_devices``, else 1).
+
+        Raises:
+            RuntimeError: autograd is enabled, G > 1 and no Trainer is attached (the
+                same on every rank, before any collective).
         """
+        divisor = self._micro_batches() * self._trainer_scale(num_items_in_batch)
         try:
             logits, targets = self._predictions(outputs, labels)
         except (TypeError, ValueError) as exc:
             # Every rank raises this, instead of the others waiting in the selection.
             self.criterion.selector.fail(str(exc))
-        divisor = self.training_args.gradient_accumulation_steps * self._trainer_scale(
-            num_items_in_batch
-        )
         return self.criterion(logits, targets) / divisor
+
+    def _micro_batches(self) -> int:
+        """n: the micro-batches whose gradients the current optimizer step sums.
+
+        The attached Trainer's ``current_gradient_accumulation_steps``, set before each
+        step's first micro-batch (``Trainer._run_epoch``, line 1885); 1 when autograd is
+        disabled, as in ``Trainer.prediction_step`` (line 3247), where nothing is
+        accumulated.
+        """
+        if not torch.is_grad_enabled():
+            return 1
+        if self.trainer is not None:
+            return self.trainer.current_gradient_accumulation_steps
+        if self.training_args.gradient_accumulation_steps == 1:
+            return 1
+        raise RuntimeError(
+            f"gradient_accumulation_steps is {self.training_args.gradient_accumulation_steps}: "
+            "call loss_func.attach(trainer) after building the Trainer, so that the "
+            "epoch's last optimizer step, which can have fewer micro-batches, is scaled "
+            "by its own count"
+        )
 
     def _trainer_scale(self, num_items_in_batch: torch.Tensor | int | None) -> int:
         """The factor ``Trainer.compute_loss`` multiplies the returned loss by (lines 2207-2215)."""
@@ -199,16 +277,17 @@ def ohem_loss_func(
     cross-entropy, docs/DESIGN.md §2 order) over all ranks are kept, each rank
     back-propagates the ones it owns.
 
-    Exact meaning of one optimizer step with ``G = gradient_accumulation_steps``
-    micro-batches (each rank's b-th batch forms micro-batch b): each micro-batch is
-    selected globally on its own, and the update is that of the loss
-    ``(1 / G) * sum_b mean(selected token losses of micro-batch b)``, the mean over the
-    micro-batches of each one's OHEM mean, as a single process computes it on the
-    concatenated micro-batches. This holds with ``average_tokens_across_devices`` on
-    (the default) or off, for any G. Tokens are not re-weighted across micro-batches:
-    one with fewer valid tokens counts as much as one with more. The Trainer's last step
-    of an epoch with fewer than G micro-batches is still divided by G (the function sees
-    only the arguments): choose the number of batches per epoch divisible by G.
+    Exact meaning of one optimizer step of n micro-batches (each rank's b-th batch of
+    the step forms micro-batch b; n = ``gradient_accumulation_steps`` G, or fewer for
+    the epoch's last step when the epoch's batches per rank are not a multiple of G):
+    each micro-batch is selected globally on its own, and the update is that of the
+    loss ``(1 / n) * sum_b mean(selected token losses of micro-batch b)``, the mean over
+    the step's micro-batches of each one's OHEM mean, as a single process computes it on
+    the concatenated micro-batches. This holds with ``average_tokens_across_devices`` on
+    (the default) or off, for any G, once :meth:`TrainerOHEMLoss.attach` has given it
+    the Trainer (required for G > 1; a training call raises otherwise). Tokens are not
+    re-weighted across micro-batches: one with fewer valid tokens counts as much as one
+    with more.
 
     Args:
         training_args: the ``TrainingArguments`` the Trainer is built with.
@@ -220,7 +299,8 @@ def ohem_loss_func(
         **selector_kwargs: the other :class:`dist_ohem.HardExampleSelector` arguments.
 
     Returns:
-        :class:`TrainerOHEMLoss`; ``.last`` holds the last selection.
+        :class:`TrainerOHEMLoss`; ``.attach(trainer)`` it once the Trainer is built;
+        ``.last`` holds the last selection.
 
     Raises:
         TypeError: ``training_args`` is not a ``TrainingArguments``. When a call gets a

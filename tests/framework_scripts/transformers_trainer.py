@@ -5,12 +5,16 @@ Launched by tests/test_integration_frameworks.py as
 
 Each configuration (``average_tokens_across_devices`` on/off x gradient accumulation 1/2,
 plus an M = 1 run where one rank selects nothing) trains a tiny GPT-2 built from a config
-(no download) for one optimizer step: plain SGD, LR 1, constant schedule, no clipping,
-no weight decay. The parameters after the step are compared with a single process that
-forwards the concatenation of the micro-batches every rank actually received (recorded
-in ``compute_loss``), selects by an independent sort, and takes the gradient of
-``mean_b(mean of the selected token losses of micro-batch b)``. The Trainer's logged
-``loss`` is compared with that objective's value.
+(no download) for one epoch of one optimizer step: plain SGD, LR 1, constant schedule,
+no clipping, no weight decay. ``avg-tokens-ga2-last-partial`` has 3 micro-batches per
+rank with G = 2: two optimizer steps, the second of one micro-batch, then an evaluation.
+The parameters after the epoch are compared with a single process that forwards the
+concatenation of the micro-batches every rank actually received (recorded in
+``compute_loss``), splits them into optimizer steps of G (the last one shorter), selects
+by an independent sort, and steps on the gradient of ``mean_b(mean of the selected token
+losses of micro-batch b)`` over each step's micro-batches. The Trainer's logged ``loss``
+of each step is compared with that objective's value, its ``eval_loss`` with the global
+OHEM mean of the evaluation batch under the reference's trained parameters.
 
 The ``naive-*`` configurations pass a bare ``OHEMLoss`` as ``compute_loss_func``: their
 update, relative to the reference update, shows the Trainer's rescaling that
@@ -54,6 +58,16 @@ class Config:
     accumulation: int
     rule: dict
     naive: bool = False
+    #: Micro-batches per rank in the epoch (None: ``accumulation``, one optimizer step).
+    micro_batches: int | None = None
+    #: Evaluate once after training (one batch per rank).
+    evaluate: bool = False
+
+    @property
+    def rows(self) -> int:
+        """Rows of the training set: ``micro_batches`` batches per rank."""
+        micro_batches = self.accumulation if self.micro_batches is None else self.micro_batches
+        return BATCH_PER_RANK * dist.get_world_size() * micro_batches
 
 
 CONFIGS = (
@@ -62,6 +76,7 @@ CONFIGS = (
     Config("no-avg-tokens-ga1", False, 1, {"keep": 0.3}),
     Config("no-avg-tokens-ga2", False, 2, {"keep": 0.3}),
     Config("avg-tokens-ga2-top1", True, 2, {"top_k": 1}),
+    Config("avg-tokens-ga2-last-partial", True, 2, {"keep": 0.3}, micro_batches=3, evaluate=True),
     Config("naive-avg-tokens-ga1", True, 1, {"keep": 0.3}, naive=True),
     Config("naive-avg-tokens-ga2", True, 2, {"keep": 0.3}, naive=True),
 )
@@ -113,30 +128,35 @@ class BareOHEMLoss(TrainerOHEMLoss):
 
 
 class RecordingTrainer(Trainer):
-    """Records, per micro-batch, the inputs this rank received and the selection made."""
+    """Records, per micro-batch, the inputs this rank received and the selection made
+    (training), and the evaluation batches apart."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.seen_batches: list[dict[str, torch.Tensor]] = []
+        self.seen_eval_batches: list[dict[str, torch.Tensor]] = []
         self.selected_per_rank: list[list[int]] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.seen_batches.append({key: value.clone() for key, value in inputs.items()})
+        seen = self.seen_batches if model.training else self.seen_eval_batches
+        seen.append({key: value.clone() for key, value in inputs.items()})
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self.selected_per_rank.append(list(self.compute_loss_func.last.selected_per_rank))
+        if model.training:
+            self.selected_per_rank.append(list(self.compute_loss_func.last.selected_per_rank))
         return loss
 
 
 def train(config: Config, output_dir: str) -> tuple[RecordingTrainer, TrainerOHEMLoss]:
-    """One optimizer step of the Trainer over ``config.accumulation`` micro-batches."""
+    """One epoch of the Trainer over ``config.rows`` rows (then one evaluation if asked)."""
     args = TrainingArguments(
         output_dir=output_dir,
         use_cpu=True,
         ddp_backend="gloo",
         per_device_train_batch_size=BATCH_PER_RANK,
+        per_device_eval_batch_size=BATCH_PER_RANK,
         gradient_accumulation_steps=config.accumulation,
         average_tokens_across_devices=config.average_tokens,
-        max_steps=1,
+        num_train_epochs=1,
         optim="sgd",
         learning_rate=LR,
         lr_scheduler_type="constant",
@@ -149,7 +169,6 @@ def train(config: Config, output_dir: str) -> tuple[RecordingTrainer, TrainerOHE
         disable_tqdm=True,
         seed=0,
     )
-    rows = BATCH_PER_RANK * dist.get_world_size() * config.accumulation
     loss_func = (
         BareOHEMLoss(args, True, IGNORE, dict(config.rule))
         if config.naive
@@ -158,43 +177,69 @@ def train(config: Config, output_dir: str) -> tuple[RecordingTrainer, TrainerOHE
     trainer = RecordingTrainer(
         model=make_model(),
         args=args,
-        train_dataset=TokenDataset(rows, seed=len(config.name)),
+        train_dataset=TokenDataset(config.rows, seed=len(config.name)),
+        eval_dataset=TokenDataset(BATCH_PER_RANK * dist.get_world_size(), seed=1),
         compute_loss_func=loss_func,
     )
+    if not config.naive:
+        loss_func.attach(trainer)
     trainer.train()
+    if config.evaluate:
+        trainer.evaluate()
     return trainer, loss_func
 
 
+def ohem_mean(
+    model: GPT2LMHeadModel, per_rank: list[dict[str, torch.Tensor]], rule: dict
+) -> tuple[torch.Tensor, list[int]]:
+    """The mean of the selected token losses of the concatenated ``per_rank`` batches and
+    the selected tokens that fall in each rank's part of the concatenation (rank-major)."""
+    input_ids = torch.cat([batch["input_ids"] for batch in per_rank])
+    labels = torch.cat([batch["labels"] for batch in per_rank])
+    logits = model(input_ids=input_ids).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    # Rank r's tokens are the rows it received, flattened in order: rank-major.
+    losses = nn.functional.cross_entropy(
+        logits.reshape(-1, VOCAB), targets.reshape(-1), reduction="none", ignore_index=IGNORE
+    )
+    mask = hardest_mask(losses, targets.reshape(-1) != IGNORE, rule)
+    tokens_per_rank = [batch["labels"][:, 1:].numel() for batch in per_rank]
+    return losses[mask].mean(), [int(part.sum()) for part in mask.split(tokens_per_rank)]
+
+
 def reference(
-    batches: list[list[dict[str, torch.Tensor]]], rule: dict
-) -> tuple[list[torch.Tensor], float, list[list[int]]]:
+    batches: list[list[dict[str, torch.Tensor]]],
+    accumulation: int,
+    rule: dict,
+    eval_batches: list[list[dict[str, torch.Tensor]]],
+) -> tuple[list[torch.Tensor], list[float], list[list[int]], list[float]]:
     """Single process on the concatenated micro-batches ``batches[b][rank]``.
 
-    Returns the parameters after ``p - LR * grad`` of ``mean_b(mean of the selected
-    token losses of micro-batch b)``, that objective's value and, per micro-batch, the
-    selected tokens that fall in each rank's part of the concatenation (rank-major).
+    The epoch's micro-batches form optimizer steps of ``accumulation`` (the last one
+    with the rest). Returns the parameters after one ``p - LR * grad`` per step, the
+    gradient that of ``mean_b(mean of the selected token losses of micro-batch b)`` over
+    the step's micro-batches; each step's objective value; per micro-batch, the selected
+    tokens of each rank's part; per evaluation batch, its OHEM mean after the steps.
     """
     model = make_model()
-    objective = 0.0
+    objectives = []
     selected_per_rank = []
-    for per_rank in batches:
-        input_ids = torch.cat([batch["input_ids"] for batch in per_rank])
-        labels = torch.cat([batch["labels"] for batch in per_rank])
-        logits = model(input_ids=input_ids).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        # Rank r's tokens are the rows it received, flattened in order: rank-major.
-        losses = nn.functional.cross_entropy(
-            logits.reshape(-1, VOCAB), targets.reshape(-1), reduction="none", ignore_index=IGNORE
-        )
-        mask = hardest_mask(losses, targets.reshape(-1) != IGNORE, rule)
-        mean = losses[mask].mean() / len(batches)
-        mean.backward()
-        objective += mean.item()
-        tokens_per_rank = [batch["labels"][:, 1:].numel() for batch in per_rank]
-        selected_per_rank.append([int(part.sum()) for part in mask.split(tokens_per_rank)])
+    for start in range(0, len(batches), accumulation):
+        step = batches[start : start + accumulation]
+        model.zero_grad()
+        objective = 0.0
+        for per_rank in step:
+            mean, selected = ohem_mean(model, per_rank, rule)
+            (mean / len(step)).backward()
+            objective += mean.item() / len(step)
+            selected_per_rank.append(selected)
+        objectives.append(objective)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= LR * p.grad
     with torch.no_grad():
-        params = [p - LR * p.grad for p in model.parameters()]
-    return params, objective, selected_per_rank
+        eval_losses = [ohem_mean(model, per_rank, rule)[0].item() for per_rank in eval_batches]
+    return [p.detach() for p in model.parameters()], objectives, selected_per_rank, eval_losses
 
 
 def update_ratio(
@@ -211,6 +256,15 @@ def update_ratio(
     return float(got @ want / (want @ want))
 
 
+def gather_micro_batches(
+    seen: list[dict[str, torch.Tensor]], world_size: int
+) -> list[list[dict[str, torch.Tensor]]]:
+    """Every rank's recorded batches, as ``[micro-batch][rank]``."""
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, seen)
+    return [list(per_rank) for per_rank in zip(*gathered, strict=True)]
+
+
 def main() -> None:
     """Run every configuration; rank 0 writes one JSON record per configuration."""
     out_path = output_path()
@@ -221,22 +275,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as output_dir:
         for config in CONFIGS:
             trainer, loss_func = train(config, output_dir)
-            gathered: list = [None] * world_size
-            dist.all_gather_object(gathered, trainer.seen_batches)
-            batches = [list(per_rank) for per_rank in zip(*gathered, strict=True)]
-            params, objective, reference_selected = reference(batches, config.rule)
-            logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+            batches, eval_batches = (
+                gather_micro_batches(seen, world_size)
+                for seen in (trainer.seen_batches, trainer.seen_eval_batches)
+            )
+            params, objectives, reference_selected, eval_losses = reference(
+                batches, config.accumulation, config.rule, eval_batches
+            )
+            history = trainer.state.log_history
             trained = list(trainer.model.parameters())
             results[config.name] = {
                 "world_size": world_size,
                 "micro_batches": len(trainer.seen_batches),
+                "optimizer_steps": trainer.state.global_step,
                 "accumulation": config.accumulation,
                 "max_abs_diff": max_abs_diff(trained, params),
                 "update_ratio": update_ratio(trained, params, list(make_model().parameters())),
                 "selected_per_rank": trainer.selected_per_rank,
                 "reference_selected_per_rank": reference_selected,
-                "logged_loss": logged,
-                "reference_loss": objective,
+                "logged_loss": [entry["loss"] for entry in history if "loss" in entry],
+                "reference_loss": objectives,
+                "eval_loss": [entry["eval_loss"] for entry in history if "eval_loss" in entry],
+                "reference_eval_loss": eval_losses,
                 "loss_func": type(loss_func).__name__,
             }
     write_results(out_path, results)
