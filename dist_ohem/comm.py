@@ -14,6 +14,11 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+try:
+    import numpy as _numpy
+except ImportError:  # optional: CPU rows are then built and read with torch ops
+    _numpy = None
+
 __all__ = [
     "DistributedInputError",
     "all_gather_equal",
@@ -94,18 +99,40 @@ def exchange_rank_rows(
     """
     if device is None:
         device = torch.device("cpu") if payload is None else payload.device
-    host = [int(error is not None)] + [0 if isinstance(c, torch.Tensor) else c for c in columns]
-    row = to_device(host, device)
-    for position, column in enumerate(columns, start=1):
-        if isinstance(column, torch.Tensor):
-            row[position] = column
-    if payload is not None:
-        row = torch.cat([row, payload if payload.dtype == torch.int64 else payload.long()])
+    row = _build_row(columns, int(error is not None), payload, device)
     rows = all_gather_equal(row, group)
-    head = rows[:, : rows.shape[1] if listed is None else 1 + listed].tolist()
+    width = rows.shape[1] if listed is None else 1 + listed
+    # One device-to-host copy; on CPU through numpy, whose tolist is several times faster.
+    head = (rows.numpy() if _numpy is not None and rows.device.type == "cpu" else rows)[:, :width]
+    head = head.tolist()
     if any(head_row[0] for head_row in head):
         raise_together(error, group)
     return [head_row[1:] for head_row in head], rows[:, 1:]
+
+
+def _build_row(
+    columns: Sequence[int | torch.Tensor],
+    flag: int,
+    payload: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """``[flag, *columns, *payload]`` as one int64 tensor on ``device``, without a host sync."""
+    host = [flag] + [0 if isinstance(c, torch.Tensor) else c for c in columns]
+    width = len(host) + (0 if payload is None else payload.numel())
+    if device.type == "cpu" and _numpy is not None:  # a few microseconds less per call
+        buffer = _numpy.empty(width, dtype=_numpy.int64)
+        buffer[: len(host)] = host
+        if payload is not None:
+            buffer[len(host) :] = payload.numpy()
+        row = torch.from_numpy(buffer)
+    else:
+        row = to_device(host, device)
+        if payload is not None:
+            row = torch.cat([row, payload.long()])
+    for position, column in enumerate(columns, start=1):
+        if isinstance(column, torch.Tensor):
+            row[position] = column
+    return row
 
 
 def raise_together(error: str | None, group: dist.ProcessGroup | None = None) -> NoReturn:

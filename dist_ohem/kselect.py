@@ -129,11 +129,12 @@ def _select_gathered_numpy(keys, m: int, rank: int, lengths: list[int]) -> KSele
     flat = keys.reshape(-1)
     kth = _numpy.partition(flat, flat.size - m)[flat.size - m]
     picked = flat > kth
-    # The first m - #above ties in global order fill the remaining slots.
-    ties = _numpy.flatnonzero(flat == kth)[: m - int(_numpy.count_nonzero(picked))]
-    picked[ties] = True
+    # The first m - #above ties in global order fill the remaining slots (ndarray methods:
+    # the numpy-level wrappers cost more than the work on a small batch).
+    ties = (flat == kth).nonzero()[0]
+    picked[ties[: m - int(picked.sum())]] = True
     picked = picked.reshape(keys.shape)
-    per_rank = _numpy.count_nonzero(picked, axis=1).tolist()
+    per_rank = picked.sum(1).tolist()
     return KSelection(torch.from_numpy(picked[rank, : lengths[rank]]), per_rank, int(kth))
 
 

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
-from dist_ohem import HardExampleSelector, SelectionRule, kselect, select_mask
+from dist_ohem import HardExampleSelector, SelectionRule, comm, kselect, select_mask
 from dist_ohem.comm import all_gather_equal, get_rank
 from dist_ohem.selection import KEY_SENTINEL, hardness_key, top_m_mask
 from tests.parity import rank_slice
@@ -57,8 +57,8 @@ def small_constants(
 
 @contextmanager
 def torch_ops_only() -> Iterator[None]:
-    """Run the bracket's full passes with torch ops (the path of CUDA and of no numpy)."""
-    with mock.patch.object(kselect, "_numpy", None):
+    """Run kselect's passes and comm's rows with torch ops (the path of CUDA and of no numpy)."""
+    with mock.patch.object(kselect, "_numpy", None), mock.patch.object(comm, "_numpy", None):
         yield
 
 
