@@ -499,19 +499,19 @@ def _mark_bracket_numpy(array, candidate, low: float, high: float):
     low, high = _numpy.array([low, high], dtype=array.dtype)
     at_least_low = _numpy.empty(array.size, dtype=bool)
     in_bracket = _numpy.empty(min(array.size, _MARK_BLOCK), dtype=bool)
-    inside = []
+    inside, count = [], 0
     for start in range(0, array.size, _MARK_BLOCK):
         block = array[start : start + _MARK_BLOCK]
         mark, bracket = at_least_low[start : start + block.size], in_bracket[: block.size]
         _numpy.greater_equal(block, low, out=mark)
         if candidate is not None:
             _numpy.logical_and(mark, candidate[start : start + block.size], out=mark)
+        count += _numpy.count_nonzero(mark)
         _numpy.less_equal(block, high, out=bracket)
         _numpy.logical_and(bracket, mark, out=bracket)
-        inside.append(_numpy.flatnonzero(bracket) + start)
+        inside.append(bracket.nonzero()[0] + start)
     inside = _numpy.concatenate(inside) if inside else _numpy.zeros(0, dtype=_numpy.int64)
-    count = int(_numpy.count_nonzero(at_least_low))
-    return torch.from_numpy(at_least_low), count, torch.from_numpy(inside), inside.size
+    return torch.from_numpy(at_least_low), int(count), torch.from_numpy(inside), inside.size
 
 
 def _on_numpy(values: torch.Tensor) -> bool:
