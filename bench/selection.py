@@ -1,4 +1,4 @@
-"""Run: ``python bench/selection.py`` (full, ~5 min on 2 cores) or add ``--quick`` (< 30 s).
+"""Run: ``python bench/selection.py`` (full, about a minute on 2 cores) or add ``--quick`` (< 30 s).
 
 Cost of one global selection for each strategy (``gather``, ``radix``, ``bracket``;
 DESIGN.md §5, ``dist_ohem/kselect.py``) on W = 1, 2 and 4 gloo ranks (one thread each,
