@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from dist_ohem.batches import Batch, batch_size, call_model
+from dist_ohem.batches import Batch, batch_size
 
 __all__ = [
     "ExampleLosses",
@@ -133,14 +132,15 @@ def checked_valid(valid: torch.Tensor | None, num_examples: int) -> torch.Tensor
 
 
 def score_chunk(
-    module: nn.Module,
+    outputs: object,
     inputs: Batch,
     targets: Batch,
     reduce_losses: ExampleLosses,
     score_fn: ScoreFn | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-example losses, scores and has-a-valid-position flags of one scoring chunk."""
-    example_losses, has_position = reduce_losses(call_model(module, inputs), targets)
+    """Per-example losses, scores and has-a-valid-position flags of one scoring chunk,
+    from the model's ``outputs`` on its ``inputs``."""
+    example_losses, has_position = reduce_losses(outputs, targets)
     if score_fn is None:
         return example_losses, example_losses, has_position
     scores = score_fn(example_losses, inputs, targets)

@@ -213,7 +213,8 @@ def ohem_step(
     # At least one chunk, so that an empty batch still yields dtypes and devices.
     num_scoring_chunks = max(1, -(-num_examples // chunk_size))
     num_padding_chunks = 0
-    if micro_batch_size is not None and _forward_communicates(model):
+    forwards_in_step = micro_batch_size is not None and _forward_communicates(model)
+    if forwards_in_step:
         # ZeRO-3 / FSDP gather parameters in every forward, so every rank must run as many
         # scoring forwards, and a rank with bad input must not start them alone.
         device = next(iter(batch_leaves(inputs)), torch.empty(0)).device
@@ -223,20 +224,35 @@ def ohem_step(
         num_padding_chunks = most_chunks - num_scoring_chunks
     if input_error is not None:
         selector.fail(input_error, caller_config=caller_config)
+    scoring_error: Exception | None = None
     try:
         with torch.no_grad(), _scoring_context(module, score_mode, inputs):
-            scored = [
-                score_chunk(
-                    module,
-                    select_rows(inputs, rows),
-                    select_rows(targets, rows),
-                    reduce_losses,
-                    score_fn,
-                )
-                for rows in chunk_bounds(num_examples, chunk_size, num_scoring_chunks)
-            ]
+            scored = []
+            for rows in chunk_bounds(num_examples, chunk_size, num_scoring_chunks):
+                chunk_inputs = select_rows(inputs, rows)
+                outputs = call_model(module, chunk_inputs)
+                if scoring_error is not None:  # forwards only: in step with the others
+                    continue
+                try:
+                    scored.append(
+                        score_chunk(
+                            outputs,
+                            chunk_inputs,
+                            select_rows(targets, rows),
+                            reduce_losses,
+                            score_fn,
+                        )
+                    )
+                except Exception as exc:
+                    if not forwards_in_step:
+                        raise
+                    # ZeRO-3 / FSDP: the other ranks still run their scoring forwards,
+                    # which gather parameters; join those before failing together.
+                    scoring_error = exc
             for _ in range(num_padding_chunks):
                 call_model(module, select_rows(inputs, slice(0, 2)))
+        if scoring_error is not None:
+            raise scoring_error
         example_losses, scores, has_position = (
             torch.cat(part) for part in zip(*scored, strict=True)
         )

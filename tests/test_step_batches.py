@@ -586,20 +586,40 @@ def test_bad_input_raises_the_same_error_on_every_rank(bad_input_messages, bad):
 
 
 def fsdp2_steps_on_rank(sizes: list[int]) -> tuple[list[str], list[torch.Tensor], int]:
-    """FSDP2: two bad inputs, then a good chunked step (3 scoring chunks on rank 0, 1 on
-    rank 1: the forwards gather parameters, so rank 1 pads its scoring pass)."""
+    """FSDP2: three bad inputs, then a good chunked step (3 scoring chunks on rank 0, 1 on
+    rank 1: the forwards gather parameters, so rank 1 pads its scoring pass). The third
+    bad input is a score_fn raising on rank 0's second chunk, after the agreement on the
+    number of chunks: rank 0 must still run its third forward before failing."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     rank = get_rank()
     mesh = init_device_mesh("cpu", (len(sizes),))
     inputs, targets = (rank_slice(t, sizes, rank) for t in classification_batch(12, sum(sizes)))
+    calls = []
+
+    def sharded_mlp() -> nn.Module:
+        # Each Linear its own unit: non-root units reshard after every forward, so every
+        # scoring forward all-gathers their parameters.
+        model = make_mlp()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
+    def raises_on_the_second_chunk(losses, *_):
+        calls.append(len(losses))
+        if rank == 0 and len(calls) == 2:
+            raise RuntimeError("score_fn failed on chunk 2")
+        return losses
+
     messages = []
     for kwargs in (
         {"micro_batch_size": 0 if rank == 1 else 2},
         {"micro_batch_size": 2, "valid": torch.ones(sizes[rank] + rank, dtype=torch.bool)},
+        {"micro_batch_size": 2, "score_fn": raises_on_the_second_chunk},
     ):
-        model = fully_shard(make_mlp(), mesh=mesh)
+        model = sharded_mlp()
         try:
             ohem_step(
                 model,
@@ -613,7 +633,7 @@ def fsdp2_steps_on_rank(sizes: list[int]) -> tuple[list[str], list[torch.Tensor]
             messages.append(str(exc))
         else:
             messages.append("no error")
-    model = fully_shard(make_mlp(), mesh=mesh)
+    model = sharded_mlp()
     out = ohem_step(
         model,
         inputs,
@@ -628,11 +648,14 @@ def fsdp2_steps_on_rank(sizes: list[int]) -> tuple[list[str], list[torch.Tensor]
 def test_fsdp2_pads_the_scoring_pass_and_fails_together(ranks):
     sizes = [6, 2]
     outputs = ranks.run(2, fsdp2_steps_on_rank, sizes, timeout=TIMEOUT_S)
-    (bad_micro, bad_valid), _, _ = outputs[0]
+    (bad_micro, bad_valid, bad_score), _, _ = outputs[0]
     for messages, _, _ in outputs:
-        assert messages == [bad_micro, bad_valid]
+        assert messages == [bad_micro, bad_valid, bad_score]
     assert "rank 1: micro_batch_size must be a positive number" in bad_micro, bad_micro
     assert "rank 1: valid has shape (3,) but the batch holds 2" in bad_valid, bad_valid
+    expected = "rank 0: the scoring pass raised RuntimeError: score_fn failed on chunk 2"
+    assert expected in bad_score, bad_score
+    assert "rank 1" not in bad_score, bad_score
     model = make_mlp()
     inputs, targets = classification_batch(12, sum(sizes))
     losses, usable = reference_example_losses(model(inputs), targets)
