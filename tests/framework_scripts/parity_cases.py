@@ -1,6 +1,6 @@
 """Cases, data and single-process references shared by the framework parity scripts.
 
-``accelerate_step.py``, ``deepspeed_step.py``, ``torch_step.py`` (FSDP2, torch.compile)
+``accelerate_step.py``, ``deepspeed_step.py``, ``torch_step.py`` (FSDP2, FSDP1, torch.compile)
 and ``lightning_step.py`` run under a real launcher on 2 CPU ranks. Each trains cases of
 :data:`CASES` in two-pass (:func:`dist_ohem.ohem_step`) or mask mode
 (:class:`dist_ohem.OHEMLoss`) and one plain SGD step (no momentum, no weight decay, no
