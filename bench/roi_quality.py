@@ -1,4 +1,5 @@
-"""Run: ``flock /tmp/bench.lock python bench/roi_quality.py`` (full, ~15 min) or ``--quick``.
+"""Run: ``flock /tmp/bench.lock python bench/roi_quality.py`` (full, ~15 min), ``--quick``
+or ``--skewed-only`` (~3 min).
 
 RoI-level OHEM as in the paper (examples/roi_detection.py, a Fast R-CNN-style detector
 on generated scenes), one image per rank (the paper's N = 1 case) on W = 2 and W = 4
@@ -8,31 +9,44 @@ IoU [0.1, 0.5)) vs a random subset of 64 RoIs per image vs local OHEM (each rank
 seeds each (the seed draws the training scenes and the initial weights; the test set is
 fixed). W = 4 runs half the steps of W = 2, so every run sees the same images.
 
+The skewed-shard cell (``shard=skewed`` of the example) is where a per-rank budget
+should waste RoIs: W = 2 for the iid W = 2 cell's 240 steps, rank 0 trains on crowded
+scenes (4-6 objects, 3-5 look-alikes: ``roi_scenes.HARD``), rank 1 on one object and no
+look-alike (``EASY``), one image per rank each step; standard sampler, local and global
+OHEM, the same 5 seeds. Its test set is the same fixed iid one: the question is whether
+moving the budget to the hard image trains a better detector for the usual scenes, and
+a test split that mirrored the skew would weight one rank's kind of scene by choice.
+
 Reported: final COCO mAP@[.5:.95] and mAP@0.5 (pycocotools) mean ± std; global - local
 paired by seed; the share of the batches' foreground RoIs and of the background RoIs
-lying on look-alikes (the hard negatives) that the step trained on; the cost to reach
-0.9 x the best final mean mAP of the W (training seconds: the slowest rank's step times
-summed, no evaluation; RoIs back-propagated). Then mask-mode OHEM (every RoI through
-the head with grad, the unselected weighted 0) against the read-only-head two-pass
-version, same selection, alternated runs, with the example's RoI head (hidden width 128)
-and a heavier one (1024): median step time. ``--timing-only`` runs just that part and
+lying on look-alikes (the hard negatives) that the step trained on; rank 0's share of
+the RoIs back-propagated (1/W with a per-rank budget; in the skewed cell, how far global
+selection moves the budget to the hard image); the cost to reach 0.9 x the best final
+mean mAP of the cell (training seconds: the slowest rank's step times summed, no
+evaluation; RoIs back-propagated). Then mask-mode OHEM (every RoI through the head with
+grad, the unselected weighted 0) against the read-only-head two-pass version, same
+selection, alternated runs, with the example's RoI head (hidden width 128) and a heavier
+one (1024): median step time. ``--timing-only`` runs just that part and
 writes ``roi_timing.{json,md}``.
 
-The ranks are started once per W (bench/common.run_world, FileStore rendezvous) and run
-every variant and seed in one process group, so no run pays a process start. Writes
-``bench/results/roi_quality.{json,md,png}`` (``roi_quality_quick.*`` with ``--quick``).
+The ranks are started once per cell (bench/common.run_world, FileStore rendezvous) and
+run every variant and seed in one process group, so no run pays a process start. Writes
+``bench/results/roi_quality.{json,md,png}`` (``roi_quality_quick.*`` with ``--quick``);
+``--skewed-only`` runs just the skewed cell and writes ``roi_skewed.{json,md,png}``
+(``roi_skewed_quick.*`` with ``--quick``: 60 steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -49,10 +63,30 @@ VARIANTS = {
     "local": "local OHEM",
     "global": "global OHEM",
 }
+#: The variants of the skewed-shard cell (random RoIs is known to trail; left out).
+SKEWED_VARIANTS = ("sampler", "local", "global")
 TARGET_FRACTION = 0.9
-#: (W, steps); both see 480 training images.
-FULL = ((2, 240), (4, 120))
-QUICK = ((2, 60),)
+
+
+class Cell(NamedTuple):
+    """``world_size`` ranks for ``steps`` steps, training scenes by roi_detection's ``shard``."""
+
+    world_size: int
+    steps: int
+    shard: str
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The variants the cell runs."""
+        return SKEWED_VARIANTS if self.shard == "skewed" else tuple(VARIANTS)
+
+
+#: The skewed-shard cell: the W = 2 iid cell's steps, rank 0 hard scenes, rank 1 easy.
+SKEWED = Cell(2, 240, "skewed")
+#: Every cell sees 480 training images.
+FULL = (Cell(2, 240, "iid"), Cell(4, 120, "iid"), SKEWED)
+QUICK = (Cell(2, 60, "iid"),)
+QUICK_SKEWED = Cell(2, 60, "skewed")
 MASK_TIMING_STEPS = 40
 #: Hidden widths of the RoI head in the timing: the example's, and a heavier head.
 TIMING_HEAD_WIDTHS = (128, 1024)
@@ -71,14 +105,20 @@ def rank_main(rank: int, world_size: int, init_file: str, plan: dict, out_file: 
     runs, timing = [], []
     base = {"max_steps": plan["steps"], "eval_every": plan["eval_every"], "plot": False}
     base |= {"test_images": plan["test_images"], "progress": False}
+    shard = plan["shard"]
     for seed in plan["seeds"]:
-        for variant in VARIANTS:
-            run_dir = Path(plan["runs_dir"]) / f"w{world_size}_{variant}_s{seed}"
-            cfg = roi_detection.Config(run_dir=str(run_dir), seed=seed, scope=variant, **base)
+        for variant in plan["variants"]:
+            run_dir = Path(plan["runs_dir"]) / f"w{world_size}_{shard}_{variant}_s{seed}"
+            cfg = roi_detection.Config(
+                run_dir=str(run_dir), seed=seed, scope=variant, shard=shard, **base
+            )
             summary = roi_detection.train(cfg)
             if rank == 0:
-                runs.append(read_run(run_dir, summary, variant, seed, world_size))
-                logging.info("W=%d %s seed %d: mAP %.3f", world_size, variant, seed, summary["map"])
+                runs.append(read_run(run_dir, summary, variant, seed, cfg))
+                logging.info(
+                    "W=%d %s %s seed %d: mAP %.3f, rank 0 share %.3f", world_size, shard,
+                    variant, seed, summary["map"], runs[-1]["rank_share"][0],
+                )  # fmt: skip
     for head_hidden in plan["timing_widths"]:
         for repeat in range(plan["mask_repeats"]):
             for mode in ("two_pass", "mask"):
@@ -112,8 +152,9 @@ def timing_record(cfg: Any, summary: dict, repeat: int) -> dict:
     }
 
 
-def read_run(run_dir: Path, summary: dict, variant: str, seed: int, world_size: int) -> dict:
-    """One run's final metrics, hard-RoI shares and its cost curve (per evaluation)."""
+def read_run(run_dir: Path, summary: dict, variant: str, seed: int, cfg: Any) -> dict:
+    """One run's final metrics, hard-RoI shares, each rank's share of the back-propagated
+    RoIs (over all steps) and its cost curve (per evaluation)."""
     import json
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -129,8 +170,10 @@ def read_run(run_dir: Path, summary: dict, variant: str, seed: int, world_size: 
          "map": r["map"], "map50": r["map50"]}
         for r in records if r["kind"] == "eval"
     ]  # fmt: skip
+    by_rank = summary["rois_backpropagated_by_rank"]
     return {
-        "world_size": world_size,
+        "world_size": len(by_rank),
+        "shard": cfg.shard,
         "variant": variant,
         "seed": seed,
         "final": {"map": summary["map"], "map50": summary["map50"]},
@@ -138,27 +181,36 @@ def read_run(run_dir: Path, summary: dict, variant: str, seed: int, world_size: 
         "lookalike_kept": summary["lookalike_kept"],
         "train_s": summary["train_s"],
         "rois_backpropagated": summary["rois_backpropagated"],
+        "rank_share": [n / summary["rois_backpropagated"] for n in by_rank],
         "curve": curve,
     }
 
 
-def aggregate(runs: list[dict], world_sizes: list[int]) -> list[dict[str, Any]]:
-    """Per (W, variant): mean ± std over seeds, global - local paired, cost to target."""
+def in_cell(runs: list[dict], cell: Cell) -> list[dict]:
+    """The runs of ``cell``."""
+    return [r for r in runs if (r["world_size"], r["shard"]) == (cell.world_size, cell.shard)]
+
+
+def aggregate(runs: list[dict], cells: tuple[Cell, ...]) -> list[dict[str, Any]]:
+    """Per (cell, variant): mean ± std over seeds, global - local paired, rank 0's share of
+    the back-propagated RoIs, cost to target."""
     rows = []
-    for world_size in world_sizes:
-        cell = [r for r in runs if r["world_size"] == world_size]
+    for cell in cells:
+        cell_runs = in_cell(runs, cell)
         best = max(
-            statistics.fmean(r["final"]["map"] for r in cell if r["variant"] == v) for v in VARIANTS
+            statistics.fmean(r["final"]["map"] for r in cell_runs if r["variant"] == v)
+            for v in cell.variants
         )
         target = TARGET_FRACTION * best
-        for variant in VARIANTS:
-            mine = [r for r in cell if r["variant"] == variant]
+        for variant in cell.variants:
+            mine = [r for r in cell_runs if r["variant"] == variant]
             reached = [time_to_target(r["curve"], "map", target) for r in mine]
             reached = [point for point in reached if point is not None]
-            local = [r for r in cell if r["variant"] == "local"]
+            local = [r for r in cell_runs if r["variant"] == "local"]
             rows.append(
                 {
-                    "world_size": world_size,
+                    "world_size": cell.world_size,
+                    "shard": cell.shard,
                     "variant": variant,
                     "map": mean_std([r["final"]["map"] for r in mine]),
                     "map50": mean_std([r["final"]["map50"] for r in mine]),
@@ -166,9 +218,10 @@ def aggregate(runs: list[dict], world_sizes: list[int]) -> list[dict[str, Any]]:
                     "lookalike_kept": mean_std([r["lookalike_kept"] for r in mine]),
                     "train_s": mean_std([r["train_s"] for r in mine]),
                     # paired_difference gives (others - global): negated, global - local.
-                    "global_minus_local": _negated(paired_difference(local, cell, "map"))
+                    "global_minus_local": _negated(paired_difference(local, cell_runs, "map"))
                     if variant == "global"
                     else None,
+                    "rank0_share": mean_std([r["rank_share"][0] for r in mine]),
                     "target": target,
                     "reached": len(reached),
                     "seeds": len(mine),
@@ -184,35 +237,38 @@ def _negated(difference: dict[str, Any]) -> dict[str, Any]:
     return {**difference, **flip, "above": difference["below"], "below": difference["above"]}
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """The report: setup, quality table, cost table, mask vs two-pass timing."""
+def render_markdown(report: dict[str, Any], title: str) -> str:
+    """The report: setup, quality table, cost table, mask vs two-pass timing (if run)."""
     meta = report["meta"]
     rows = report["rows"]
     quality = markdown_table(
-        ["W", "variant", "mAP@[.5:.95]", "mAP@0.5", "global - local (paired)",
-         "fg RoIs trained", "look-alike RoIs trained"],
+        ["W", "shard", "variant", "mAP@[.5:.95]", "mAP@0.5", "global - local (paired)",
+         "fg RoIs trained", "look-alike RoIs trained", "rank 0 share of trained RoIs"],
         [
-            [str(r["world_size"]), VARIANTS[r["variant"]], fmt(r["map"]), fmt(r["map50"]),
+            [str(r["world_size"]), r["shard"], VARIANTS[r["variant"]], fmt(r["map"]),
+             fmt(r["map50"]),
              "-" if r["global_minus_local"] is None
              else f"{fmt(r['global_minus_local'], '+.3f')} (ahead in "
              f"{r['global_minus_local']['above']}/{r['seeds']})",
-             fmt(r["fg_kept"], ".3f"), fmt(r["lookalike_kept"], ".3f")]
+             fmt(r["fg_kept"], ".3f"), fmt(r["lookalike_kept"], ".3f"),
+             fmt(r["rank0_share"], ".3f")]
             for r in rows
         ],
     )  # fmt: skip
     cost = markdown_table(
-        ["W", "variant", "target mAP", "reached", "train s to target", "RoIs to target",
-         "train s (all steps)"],
+        ["W", "shard", "variant", "target mAP", "reached", "train s to target",
+         "RoIs to target", "train s (all steps)"],
         [
-            [str(r["world_size"]), VARIANTS[r["variant"]], f"{r['target']:.3f}",
+            [str(r["world_size"]), r["shard"], VARIANTS[r["variant"]], f"{r['target']:.3f}",
              f"{r['reached']}/{r['seeds']}", fmt(r["to_target_s"], ".1f"),
              fmt(r["to_target_rois"], ".0f"), fmt(r["train_s"], ".1f")]
             for r in rows
         ],
     )  # fmt: skip
     plan = report["plan"]
+    scenes = plan["scenes"]
     parts = [
-        "# RoI-level OHEM: standard sampler vs random vs local vs global OHEM",
+        f"# {title}",
         "",
         f"- command: `{meta['command']}`",
         f"- date (UTC): {meta['date']}; torch {meta['torch']}; python {meta['python']}; "
@@ -221,14 +277,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{meta['load_start'][0]} at start, {meta['load_end'][0]} at end; wall time "
         f"{meta['wall_s'] / 60:.1f} min",
         f"- examples/roi_detection.py, 1 image per rank, {plan['rois_per_image']} RoIs per "
-        f"image back-propagated, {plan['proposals']} proposals per image; (W, steps) = "
-        f"{report['cells']}; seeds {report['seeds']}; test set {plan['test_images']} fixed "
-        f"scenes, evaluated every {report['eval_every']}",
+        f"image back-propagated, {plan['proposals']} proposals per image; (W, steps, shard) "
+        f"= {report['cells']}; seeds {report['seeds']}; test set {plan['test_images']} fixed "
+        f"iid scenes, evaluated every {report['eval_every']}",
+        f"- shard iid: every rank's training scenes have {scenes['iid']['objects']} objects "
+        f"and {scenes['iid']['lookalikes']} look-alikes (inclusive ranges); skewed: rank 0's "
+        f"have {scenes['hard']['objects']} and {scenes['hard']['lookalikes']} (fewer where "
+        f"a box finds no free place), rank 1's {scenes['easy']['objects']} and "
+        f"{scenes['easy']['lookalikes']}. The test set is iid in every cell.",
         "- global - local: mAP of global OHEM minus local OHEM's with the same seed.",
         "- fg / look-alike RoIs trained: the share of the batches' foreground RoIs (IoU >= 0.5 "
         "with an object), and of the background RoIs lying on a look-alike (IoU >= 0.5 with "
         "one: the hard negatives), that the steps back-propagated, over all steps.",
-        f"- target: {TARGET_FRACTION} x the best final mean mAP of the W; train s = sum over "
+        "- rank 0 share of trained RoIs: the share of the back-propagated RoIs that came from "
+        "rank 0's image, over all steps (1/W with a per-rank budget).",
+        f"- target: {TARGET_FRACTION} x the best final mean mAP of the cell; train s = sum over "
         "steps of the slowest rank's step time (no evaluation); RoIs = RoIs back-propagated "
         "up to the first evaluation at or above the target; means over the seeds that "
         "reached it.",
@@ -241,7 +304,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         cost,
         "",
-        timing_markdown(report),
+        *([timing_markdown(report)] if report["timing"] else []),
     ]
     return "\n".join(parts)
 
@@ -290,32 +353,28 @@ def timing_markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Mean test mAP (± std band) against the RoIs back-propagated, one panel per W."""
+    """Mean test mAP (± std band) against the RoIs back-propagated, one panel per cell."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = report["cells"]
+    cells = [Cell._make(cell) for cell in report["cells"]]
     figure, axes = plt.subplots(1, len(cells), figsize=(5 * len(cells), 3.8), squeeze=False)
-    for ax, (world_size, _) in zip(axes[0], cells, strict=True):
-        for variant, label in VARIANTS.items():
-            runs = [
-                r
-                for r in report["runs"]
-                if r["world_size"] == world_size and r["variant"] == variant
-            ]
+    for ax, cell in zip(axes[0], cells, strict=True):
+        for variant in cell.variants:
+            runs = [r for r in in_cell(report["runs"], cell) if r["variant"] == variant]
             points = list(zip(*(r["curve"] for r in runs), strict=True))
             x = [statistics.fmean(q["examples"] for q in p) for p in points]
             mean = [statistics.fmean(q["map"] for q in p) for p in points]
             std = [statistics.stdev(q["map"] for q in p) if len(p) > 1 else 0 for p in points]
-            (line,) = ax.plot(x, mean, marker=".", label=label)
+            (line,) = ax.plot(x, mean, marker=".", label=VARIANTS[variant])
             ax.fill_between(
                 x, [m - s for m, s in zip(mean, std, strict=True)],
                 [m + s for m, s in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.2,
             )  # fmt: skip
-        ax.set(title=f"W={world_size}, 1 image per rank", xlabel="RoIs back-propagated",
-               ylabel="test mAP@[.5:.95]")  # fmt: skip
+        ax.set(title=f"W={cell.world_size}, {cell.shard} shard, 1 image per rank",
+               xlabel="RoIs back-propagated", ylabel="test mAP@[.5:.95]")  # fmt: skip
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     figure.tight_layout()
@@ -329,6 +388,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--timing-only", action="store_true", help="only mask vs two-pass: roi_timing.{json,md}"
     )
+    parser.add_argument(
+        "--skewed-only",
+        action="store_true",
+        help="only the skewed-shard cell: roi_skewed.{json,md,png} (--quick: 60 steps)",
+    )
     parser.add_argument("--seeds", type=int, help="seeds per variant (default 5; --quick 2)")
     parser.add_argument("--machine", default="not stated", help="a note: quiet or shared?")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "bench" / "results")
@@ -341,22 +405,27 @@ def main(argv: list[str] | None = None) -> None:
     cells = QUICK if args.quick else FULL
     seeds = list(range(args.seeds or (2 if args.quick else 5)))
     if args.timing_only:
-        cells, seeds = ((2, 0),), []
+        cells, seeds = (Cell(2, 0, "iid"),), []
+    if args.skewed_only:
+        cells = (QUICK_SKEWED if args.quick else SKEWED,)
     test_images = 50 if args.quick else 100
     started, load_start = time.perf_counter(), os.getloadavg()
     runs, timing = [], []
-    for world_size, steps in cells:
+    for index, cell in enumerate(cells):
+        timed = index == 0 and not args.skewed_only  # the timing runs with the first cell
         plan = {
-            "steps": steps,
-            "eval_every": steps // 3,
+            "steps": cell.steps,
+            "shard": cell.shard,
+            "variants": cell.variants,
+            "eval_every": cell.steps // 3,
             "seeds": seeds,
             "test_images": test_images,
             "runs_dir": str(args.runs_dir),
-            "mask_repeats": 0 if world_size != cells[0][0] else (1 if args.quick else 3),
+            "mask_repeats": (1 if args.quick else 3) if timed else 0,
             "timing_widths": TIMING_HEAD_WIDTHS,
             "timing": {"max_steps": 10 if args.quick else MASK_TIMING_STEPS, "eval_every": 10**6},
         }
-        result = run_world(world_size, plan, rank_main)
+        result = run_world(cell.world_size, plan, rank_main)
         runs += result["runs"]
         timing += result["timing"]
     meta = run_meta(started, load_start, ("dist_ohem", "examples", "bench/roi_quality.py"))
@@ -365,23 +434,31 @@ def main(argv: list[str] | None = None) -> None:
         "meta": meta,
         "cells": [list(c) for c in cells],
         "seeds": seeds,
-        "eval_every": [steps // 3 for _, steps in cells],
+        "eval_every": [cell.steps // 3 for cell in cells],
         "plan": {
             "rois_per_image": roi_detection.Config.rois_per_image,
             "proposals": roi_scenes.NUM_PROPOSALS,
             "test_images": test_images,
+            "scenes": {
+                "iid": dataclasses.asdict(roi_scenes.IID),
+                "hard": dataclasses.asdict(roi_scenes.HARD),
+                "easy": dataclasses.asdict(roi_scenes.EASY),
+            },
             "timing": {"max_steps": 10 if args.quick else MASK_TIMING_STEPS},
-            "timing_world_size": cells[0][0],
+            "timing_world_size": cells[0].world_size,
         },
-        "rows": aggregate(runs, [w for w, _ in cells]) if runs else [],
+        "rows": aggregate(runs, cells) if runs else [],
         "runs": runs,
         "timing": timing,
     }
     if args.timing_only:
         write_report(report, timing_markdown(report), args.output_dir, "roi_timing")
         return
-    stem = "roi_quality_quick" if args.quick else "roi_quality"
-    write_report(report, render_markdown(report), args.output_dir, stem)
+    stem = ("roi_skewed" if args.skewed_only else "roi_quality") + ("_quick" if args.quick else "")
+    title = "RoI-level OHEM: standard sampler vs random vs local vs global OHEM"
+    if args.skewed_only:
+        title = "RoI-level OHEM on a skewed shard: standard sampler vs local vs global OHEM"
+    write_report(report, render_markdown(report, title), args.output_dir, stem)
     plot(report, args.output_dir / f"{stem}.png")
 
 

@@ -23,10 +23,13 @@ deltas. ``scope`` is one of:
   grad and weights the unselected ones 0 (the same update, no saving; for timing).
 - ``random``: as many RoIs as ``global``, uniformly at random over all ranks.
 
-COCO mAP@[.5:.95] and mAP@0.5 (pycocotools) on a fixed test set, on rank 0. Outputs in
-``run_dir``: ``summary.json``, ``metrics.jsonl`` (one line per step and per evaluation),
-``metrics.png``. Arguments are ``key=value`` (see ``Config``), e.g.
-``scope=local max_steps=100 run_dir=runs/roi_local``.
+``shard=skewed`` trains rank 0 on crowded scenes with many look-alikes and the other
+ranks on one-object scenes (``roi_scenes.HARD`` / ``EASY``) instead of iid ones.
+
+COCO mAP@[.5:.95] and mAP@0.5 (pycocotools) on a fixed iid test set, on rank 0. Outputs
+in ``run_dir``: ``summary.json``, ``metrics.jsonl`` (one line per step, with the RoIs
+back-propagated in total and per rank, and per evaluation), ``metrics.png``. Arguments
+are ``key=value`` (see ``Config``), e.g. ``scope=local max_steps=100 run_dir=runs/roi_local``.
 """
 
 from __future__ import annotations
@@ -48,13 +51,14 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from roi_scenes import CLASSES, IMAGE_SIZE, Scene, make_scene
+from roi_scenes import CLASSES, EASY, HARD, IID, IMAGE_SIZE, Scene, SceneMix, make_scene
 
 from dist_ohem.detection import RoISelector, box_iou, dedup_rois
 
 log = logging.getLogger("roi_detection")
 
 SCOPES = ("sampler", "global", "local", "random")
+SHARDS = ("iid", "skewed")
 BOX_STDS = torch.tensor([0.1, 0.1, 0.2, 0.2])  # Fast R-CNN's box-target normalization
 TEST_SEED = 1_000_000  # the test scenes do not depend on the run's seed
 
@@ -69,6 +73,7 @@ class Config:
     mode: str = "two_pass"  # two_pass (read-only head scores, selected RoIs trained) or mask
     max_steps: int = 300
     images_per_rank: int = 1
+    shard: str = "iid"  # iid, or skewed: rank 0 trains on HARD scenes, the others on EASY
     rois_per_image: int = 64  # B: RoIs back-propagated per image
     iou_threshold: float = 0.7  # dedup_rois before the selection (OHEM scopes)
     head_hidden: int = 128  # width of the RoI head's hidden layer (Fast R-CNN's fc: 4096)
@@ -94,8 +99,11 @@ def parse_config(argv: list[str]) -> Config:
         kind = type(fields[key].default)
         values[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     cfg = Config(**values)
-    if cfg.scope not in SCOPES or cfg.mode not in ("two_pass", "mask"):
-        raise SystemExit(f"scope must be one of {SCOPES} and mode two_pass or mask, got {cfg}")
+    if cfg.scope not in SCOPES or cfg.mode not in ("two_pass", "mask") or cfg.shard not in SHARDS:
+        raise SystemExit(
+            f"scope must be one of {SCOPES}, mode two_pass or mask and shard one of {SHARDS}, "
+            f"got {cfg}"
+        )
     return cfg
 
 
@@ -230,6 +238,14 @@ def sample_minibatch(rois: dict[str, torch.Tensor], cfg: Config, gen: torch.Gene
             picked.append(pool[torch.randperm(len(pool), generator=gen)[:room]])
         mask[torch.cat(picked)] = True
     return mask
+
+
+def training_mix(shard: str, rank: int) -> SceneMix:
+    """The scenes ``rank`` trains on: ``IID`` everywhere, or (``skewed``) ``HARD`` on rank 0
+    and ``EASY`` on the others. The test set is always ``IID``."""
+    if shard == "iid":
+        return IID
+    return HARD if rank == 0 else EASY
 
 
 # ----------------------------------------------------------------------- train / eval
@@ -377,6 +393,7 @@ def train(cfg: Config) -> dict | None:
         seed=cfg.seed,
     )
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # the sampler's draws
+    mix = training_mix(cfg.shard, rank)
     test = [make_scene(TEST_SEED, i) for i in range(cfg.test_images)] if rank == 0 else []
     log.info(
         "roi_detection | W=%d | scope=%s | mode=%s | %d steps",
@@ -392,19 +409,23 @@ def train(cfg: Config) -> dict | None:
     with open(run_dir / "metrics.jsonl", "w") as metrics:
         for step in range(1, cfg.max_steps + 1):
             first = ((step - 1) * world_size + rank) * cfg.images_per_rank
-            scenes = [make_scene(cfg.seed, first + i) for i in range(cfg.images_per_rank)]
+            scenes = [make_scene(cfg.seed, first + i, mix) for i in range(cfg.images_per_rank)]
             started = time.perf_counter()
             counts = train_step(
                 backbone.train(), head.train(), selector, optimizer, scenes, cfg, gen
             )
             step_s = time.perf_counter() - started
             schedule.step()
-            totals = torch.tensor([*counts.values(), step_s], dtype=torch.float64)
+            by_rank = [0.0] * world_size  # this rank's RoI count in its slot, summed: all
+            by_rank[rank] = counts["rois_backpropagated"]
+            totals = torch.tensor([*counts.values(), step_s, *by_rank], dtype=torch.float64)
             dist.all_reduce(totals)
             longest = torch.tensor([step_s])
             dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-            record = dict(zip([*counts, "step_s_sum"], totals.tolist(), strict=True))
+            sums = totals.tolist()
+            record = dict(zip([*counts, "step_s_sum"], sums[:-world_size], strict=True))
             record = {"kind": "train", "step": step, **record, "step_s_max": float(longest)}
+            record["rois_backpropagated_by_rank"] = sums[-world_size:]
             if rank == 0:
                 metrics.write(json.dumps(record) + "\n")
                 bar.update()
@@ -429,6 +450,9 @@ def train(cfg: Config) -> dict | None:
             "world_size": world_size,
             "steps": cfg.max_steps,
             "rois_backpropagated": sum(r["rois_backpropagated"] for r in train),
+            "rois_backpropagated_by_rank": [
+                sum(r["rois_backpropagated_by_rank"][k] for r in train) for k in range(world_size)
+            ],
             "rois_in_batch": sum(r["rois_in_batch"] for r in train),
             "train_s": sum(r["step_s_max"] for r in train),
             "fg_kept": sum(r["fg_selected"] for r in train)

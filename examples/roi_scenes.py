@@ -5,7 +5,9 @@ Each scene is a pure function of ``(seed, index)``: a noisy background with clut
 miss one defining part (hard negatives: a car without wheels, a person without a head,
 a sign without its pole). The proposals imitate selective search: boxes jittered around
 every object *and* every look-alike (a proposal method cannot tell them apart), plus
-random boxes, ``NUM_PROPOSALS`` per image.
+random boxes, ``NUM_PROPOSALS`` per image. A ``SceneMix`` sets the object and
+look-alike counts: ``IID`` (the default above), ``HARD`` and ``EASY`` (the skewed shard
+of bench/roi_quality.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,23 @@ JITTERED_SHARE = 0.4
 _GRID_Y, _GRID_X = torch.meshgrid(
     torch.arange(IMAGE_SIZE) + 0.5, torch.arange(IMAGE_SIZE) + 0.5, indexing="ij"
 )
+
+
+@dataclass(frozen=True)
+class SceneMix:
+    """Inclusive ranges of the objects and look-alikes a scene draws (objects >= 1:
+    every scene has an object). Fewer may appear when a box finds no free place."""
+
+    objects: tuple[int, int]
+    lookalikes: tuple[int, int]
+
+
+#: The default scenes: 1-4 objects, 1-3 look-alikes.
+IID = SceneMix(objects=(1, 4), lookalikes=(1, 3))
+#: Crowded scenes with many hard negatives (placement caps what fits in 64 x 64 pixels).
+HARD = SceneMix(objects=(4, 6), lookalikes=(3, 5))
+#: One object, no look-alike.
+EASY = SceneMix(objects=(1, 1), lookalikes=(0, 0))
 
 
 @dataclass
@@ -139,8 +158,11 @@ def _random_boxes(gen: torch.Generator, count: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4096)  # runs of one process (bench/roi_quality.py) share scenes
-def make_scene(seed: int, index: int) -> Scene:
-    """Scene ``index`` of the stream ``seed`` (deterministic; treat it as read-only)."""
+def make_scene(seed: int, index: int, mix: SceneMix = IID) -> Scene:
+    """Scene ``index`` of the stream ``seed`` with ``mix``'s counts (deterministic; treat it
+    as read-only). The image noise and clutter depend only on ``(seed, index)``."""
+    if mix.objects[0] < 1 or mix.lookalikes[0] < 0:
+        raise ValueError(f"a scene needs at least one object and no negative counts: {mix}")
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
     image = (
         _color(gen)[:, None, None] * 0.5
@@ -157,8 +179,8 @@ def make_scene(seed: int, index: int) -> Scene:
             _fill_disc(image, x, y, _uniform(gen, 1.5, 5), _color(gen))
     taken: list[list[float]] = []
     gt_boxes, gt_labels, lookalikes = [], [], []
-    num_objects = int(torch.randint(1, 5, (), generator=gen))
-    num_lookalikes = int(torch.randint(1, 4, (), generator=gen))
+    num_objects = int(torch.randint(mix.objects[0], mix.objects[1] + 1, (), generator=gen))
+    num_lookalikes = int(torch.randint(mix.lookalikes[0], mix.lookalikes[1] + 1, (), generator=gen))
     for k in range(num_objects + num_lookalikes):
         label = int(torch.randint(1, len(CLASSES) + 1, (), generator=gen))
         box = _place(gen, label, taken)
