@@ -51,6 +51,7 @@ __all__ = [
     "KSelection",
     "any_nan",
     "bracket_bounds",
+    "bracket_margin",
     "bracket_select",
     "draw_sample",
     "extreme_keys",
@@ -312,7 +313,7 @@ def bracket_bounds(
     samples: torch.Tensor,
     lengths: list[int],
     m: int,
-    num_candidates: int,
+    margin: float,
     extremes: tuple[int, int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys ``(low, high)`` with ``#(key > high) < m <= #(key >= low)`` with high probability.
@@ -321,7 +322,8 @@ def bracket_bounds(
         samples: ``(W, s)`` sampled keys from :func:`draw_sample` of every rank.
         lengths: every rank's number of entries (the sample of rank r stands for
             ``lengths[r] / min(lengths[r], s)`` entries each).
-        m: rank of the wanted key; ``num_candidates``: candidates over all ranks.
+        m: rank of the wanted key; ``margin``: the bracket's half-width in entries
+            (:func:`bracket_margin`).
         extremes: the smallest and largest key a candidate can have
             (:func:`extreme_keys`), used where the sample has no bound.
 
@@ -329,12 +331,10 @@ def bracket_bounds(
         0-dim int64 tensors on the samples' device (no host sync). Sorting the weighted
         sample descending, ``high`` is the last sampled key whose estimated count of keys
         at or above it is at most ``m - margin``, ``low`` the first with at least
-        ``m + margin``; ``margin`` = BRACKET_SIGMAS standard deviations of that estimate
-        plus two sample weights. A missing end becomes the extreme key.
+        ``m + margin``. A missing end becomes the extreme key.
     """
     size = samples.shape[1]
     weights = [n / min(n, size) if n else 0.0 for n in lengths]
-    margin = bracket_margin(lengths, m, num_candidates, size)
     sentinel = KEY_SENTINEL[samples.dtype]
     # Filled on the device, not copied from a host list: no host-device synchronization.
     per_key = torch.cat([samples.new_full((size,), w, dtype=torch.float64) for w in weights]).where(
@@ -405,8 +405,8 @@ def bracket_select(
     """
     if samples is None:
         samples = comm.all_gather_equal(draw_sample(values, candidate), group)
-    low, high = bracket_bounds(samples, lengths, m, num_candidates, extreme_keys(values))
     margin = bracket_margin(lengths, m, num_candidates, samples.shape[1])
+    low, high = bracket_bounds(samples, lengths, m, margin, extreme_keys(values))
     capacity = min(values.numel(), math.ceil(BRACKET_CAPACITY_MARGINS * margin))
     at_least_low, num_at_least_low, inside, num_inside = _mark_bracket(
         values, candidate, low, high, capacity

@@ -157,7 +157,8 @@ def test_bracket_bounds_are_sampled_keys_or_extremes_and_ordered(batch, data):
     m = data.draw(st.integers(1, num_candidates))
     samples = kselect.draw_sample(values, candidate, 16).unsqueeze(0)
     extremes = kselect.extreme_keys(values)
-    low, high = kselect.bracket_bounds(samples, [values.numel()], m, num_candidates, extremes)
+    margin = kselect.bracket_margin([values.numel()], m, num_candidates, 16)
+    low, high = kselect.bracket_bounds(samples, [values.numel()], m, margin, extremes)
     allowed = set(samples.flatten().tolist()) - {KEY_SENTINEL[samples.dtype]}
     assert int(low) in allowed | {extremes[0]}
     assert int(high) in allowed | {extremes[1]}
