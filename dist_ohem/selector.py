@@ -300,19 +300,19 @@ class HardExampleSelector:
             fingerprint = f"{self._config_repr}|{caller_repr}".encode()
             digest = hashlib.blake2b(fingerprint, digest_size=7).digest()
             self._fingerprint = (caller_repr, int.from_bytes(digest))
-        # In column order (_NUMEL ... _CALLS).
-        return [
-            batch.losses.numel(),
-            batch.num_valid,
-            batch.num_nan,
-            batch.num_forced,
-            batch.num_candidates,
-            batch.num_above,
-            batch.min_above_key,
-            self._fingerprint[1],
-            torch.iinfo(kselect.key_dtype_of(batch.losses)).bits,
-            self.num_calls,
-        ]
+        columns = {
+            _NUMEL: batch.losses.numel(),
+            _VALID: batch.num_valid,
+            _NAN: batch.num_nan,
+            _FORCED: batch.num_forced,
+            _CANDIDATES: batch.num_candidates,
+            _ABOVE: batch.num_above,
+            _MIN_ABOVE_KEY: batch.min_above_key,
+            _CONFIG: self._fingerprint[1],
+            _KEY_BITS: torch.iinfo(kselect.key_dtype_of(batch.losses)).bits,
+            _CALLS: self.num_calls,
+        }
+        return [columns[column] for column in range(_HEADER)]
 
     def _payload_words(self, batch: LocalBatch, payload: _Payload) -> torch.Tensor:
         """``payload.words`` int64 words: this rank's keys or sample, zeros when unusable."""
@@ -327,9 +327,6 @@ class HardExampleSelector:
 
     def _check_ranks_agree(self, rows: list[list[int]]) -> None:
         """Raise (identically on every rank: all see the same rows) if the ranks disagree."""
-        agreed = rows[0][_CONFIG:]  # the columns _CONFIG, _KEY_BITS and _CALLS
-        if all(row[_CONFIG:] == agreed for row in rows):
-            return
         for column, what, fix in (
             (
                 _CONFIG,
