@@ -4,9 +4,12 @@ overrides, type coercion and validation (``ConfigError`` names the fix)."""
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
+import io
 import os
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +28,14 @@ class Config:
     task: str = "detection"  # "detection" (generated) or "digits" (scikit-learn, long-tailed)
     shard: str = "iid"  # "iid" or "skewed": hard groups on rank 0 (launch/data.py)
     # optimization: AdamW, cosine decay from lr to min_lr over max_steps
-    max_steps: int = 600
+    max_steps: int = 600  # optimizer steps
     batch_size: int = 128  # per rank: K = batch_size * world size
     # Examples of a step over all ranks, the same at any W (0: batch_size per rank instead;
     # with it a run resumes at another world size).
     global_batch_size: int = 0
-    lr: float = 2e-3
-    min_lr: float = 1e-4
-    weight_decay: float = 0.0
+    lr: float = 2e-3  # AdamW learning rate at step 1
+    min_lr: float = 1e-4  # learning rate at the last step (cosine decay)
+    weight_decay: float = 0.0  # AdamW weight decay
     # hard example mining (dist_ohem)
     mode: str = "two_pass"  # "two_pass" (ohem_step) or "mask" (OHEMLoss)
     scope: str = "global"  # "global", "local", "random" (same M, random) or "all" (no mining)
@@ -41,8 +44,8 @@ class Config:
     top_k: int = 64  # rule "top_k": M = top_k
     loss_thresh: float = 0.5  # rule "loss_thresh": every loss above it, at least min_kept
     neg_pos_ratio: float = 3.0  # rule "neg_pos_ratio": positives (class != 0) + r x negatives
-    min_kept: int = 0
-    strategy: str = "gather"  # "gather", "radix" or "auto"
+    min_kept: int = 0  # every rule keeps at least this many (over all ranks)
+    strategy: str = "gather"  # "gather", "radix", "bracket" or "auto"
     nan: str = "raise"  # a NaN loss: "raise" on every rank, or "ignore" the instance
     balance: bool = False  # two_pass: every rank trains floor/ceil(M/W) examples
     score_mode: str = "no_grad_train"  # two_pass scoring pass: "no_grad_train" or "eval"
@@ -86,7 +89,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     """Config from the defaults, then ``--config`` YAML, then ``key=value`` overrides."""
     parser = argparse.ArgumentParser(
         description="Train with distributed online hard example mining.",
-        epilog="Overrides: key=value for any key of: " + ", ".join(DEFAULTS),
+        usage="%(prog)s [-h] [--config FILE.yaml] [--deepspeed_config FILE.json] [key=value ...]",
+        epilog=help_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file of config keys")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", help="DeepSpeed JSON")
@@ -108,6 +113,56 @@ def parse_args(argv: list[str] | None = None) -> Config:
     cfg = Config(**values)
     check_config(cfg)
     return cfg
+
+
+def config_reference() -> list[tuple[str, str, str, str]]:
+    """``(key, default, type, meaning)`` of every ``Config`` key, in order. The meaning is
+    the key's comment in this file: on its own line, else the comment lines right above it.
+    ``--help`` and the documentation's config reference are both made from this."""
+    source = Path(__file__).read_text()
+    comments = {
+        token.start[0]: token.string.removeprefix("#").strip()
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+    }
+    (config_class,) = (
+        node
+        for node in ast.parse(source).body
+        if isinstance(node, ast.ClassDef) and node.name == Config.__name__
+    )
+    fields = [node for node in config_class.body if isinstance(node, ast.AnnAssign)]
+    field_lines = {node.lineno for node in fields}
+    rows = []
+    for node in fields:
+        above = node.lineno - 1
+        while above in comments and above not in field_lines:
+            above -= 1
+        block = [comments[line] for line in range(above + 1, node.lineno)]
+        meaning = comments.get(node.lineno) or " ".join(block)
+        key = node.target.id  # type: ignore[attr-defined]
+        default = DEFAULTS[key]
+        shown = str(default).lower() if isinstance(default, bool) else str(default)
+        rows.append((key, shown or '""', type(default).__name__, meaning))
+    return rows
+
+
+def help_epilog() -> str:
+    """The part of ``--help`` after the options: every key, then an example command."""
+    rows = config_reference()
+    key_width = max(len(key) for key, *_ in rows)
+    default_width = max(len(default) for _, default, *_ in rows)
+    lines = [
+        "config keys (set with key=value, or in a --config YAML file; a later one wins):",
+        *(
+            f"  {key:<{key_width}}  {kind:<5}  {default:<{default_width}}  {meaning}"
+            for key, default, kind, meaning in rows
+        ),
+        "",
+        "example (2 CPU ranks; configs/*.yaml name their own commands on their first line):",
+        "  OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 launch/train.py \\",
+        "      --config configs/digits.yaml max_steps=200 seed=3 run_dir=runs/digits",
+    ]
+    return "\n".join(lines)
 
 
 def read_config_file(path: Path) -> dict[str, object]:

@@ -38,6 +38,7 @@ from typing import TextIO
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -278,20 +279,43 @@ def forward_backward(
     return ohem_loss.last, ohem_loss.last_mean_loss, ohem_loss.last.num_selected_local, phase_s
 
 
+def record_cause(message: str) -> bool:
+    """Hand ``message`` to the launcher as this process's error, without a traceback.
+
+    torchrun (and ``accelerate launch``, built on it) name a file in
+    ``TORCHELASTIC_ERROR_FILE`` and show what a failed rank wrote there in the "Root
+    Cause" section of its failure report, the last thing it prints. False when no
+    launcher asked for the file.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return False
+    stamp = str(int(time.time()))
+    data = {
+        "message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": stamp}}
+    }
+    Path(path).write_text(json.dumps(data))
+    return True
+
+
+@record  # an unexpected exception's traceback goes to the launcher's "Root Cause" section
 def run() -> int:
     """``main`` with errors a person can act on, no traceback spam, exit code 1.
 
     An error every rank raises alike (config, checkpoint, a selector's collective input
-    check) is printed once, by rank 0. A failed collective differs per rank (the rank
-    that waited timed out, the others lost their peer): each rank says what it saw.
+    check) is reported once, by rank 0: as the root cause of torchrun's failure report
+    (what the user reads last), or on stderr without such a launcher. A failed
+    collective differs per rank (the rank that waited timed out, the others lost their
+    peer): each rank says what it saw.
     """
     rank = int(os.environ.get("RANK", "0"))
     try:
         main()
     except (ConfigError, CheckpointError, DistributedInputError) as exc:
         if rank == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        else:  # a launcher stops every rank once one exits: let rank 0 print first
+            if not record_cause(f"error: {exc}"):
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+        else:  # a launcher stops every rank once one exits: let rank 0 fail first
             time.sleep(2)
         return 1
     except RuntimeError as exc:
