@@ -209,11 +209,22 @@ def plot_metrics(jsonl: Path, png: Path, task: Task) -> None:
     if evals and "loss" in evals[0]:
         ax_loss.plot(eval_steps, [r["loss"] for r in evals], "o-", label="test")
     ax_loss.set(ylabel="cross-entropy", yscale="log", title=str(png.parent))
-    for key in evals[0] if evals else ():
-        if key not in ("kind", "step", "loss"):
-            style = "s-" if key == task.headline else "o-"
-            ax_metric.plot(eval_steps, [r[key] for r in evals], style, ms=3, label=key)
-    ax_metric.set(ylabel="test metric", ylim=(0, 1.02))
+    # Metrics often coincide (several at 1.0 at step 0): each has its own marker and dash,
+    # and each is drawn thinner than the one before, so an earlier line shows around a later
+    # one. The headline is black, thick, with star markers, on top of the others.
+    others = [key for key in (evals[0] if evals else ()) if key not in ("kind", "step", "loss")]
+    others = [key for key in others if key != task.headline]
+    styles = [("o", "-"), ("^", "--"), ("v", "-."), ("D", ":"), ("x", "-"), ("+", "--")]
+    for index, key in enumerate(others):
+        marker, dash = styles[index % len(styles)]
+        width = 3.0 - 2.4 * index / max(len(others) - 1, 1)
+        values = [r[key] for r in evals]
+        ax_metric.plot(eval_steps, values, marker=marker, ls=dash, lw=width, ms=4, label=key)
+    if evals and task.headline in evals[0]:
+        values = [r[task.headline] for r in evals]
+        label = f"{task.headline} (headline)"
+        ax_metric.plot(eval_steps, values, "k*-", lw=2.5, ms=10, zorder=5, label=label)
+    ax_metric.set(ylabel="test metric", ylim=(0, 1.1))
     hard_share = [r["hard_selected"] / max(r["num_selected_global"], 1) for r in train]
     batch_share = [r["hard_in_batch"] / max(r["num_valid_global"], 1) for r in train]
     ax_sel.plot(steps, hard_share, lw=0.6, label="hard groups' share of the selection")
@@ -222,8 +233,10 @@ def plot_metrics(jsonl: Path, png: Path, task: Task) -> None:
     threshold = [r["threshold"] for r in train]
     if any(t is not None for t in threshold):
         ax_threshold = ax_sel.twinx()
-        ax_threshold.plot(steps, threshold, "k", lw=0.5, alpha=0.5)
+        label = "threshold loss (right axis)"
+        ax_threshold.plot(steps, threshold, color="black", lw=0.8, label=label)
         ax_threshold.set(ylabel="threshold loss (black)", yscale="log")
+        ax_sel.plot([], [], color="black", lw=0.8, label=label)  # in ax_sel's legend
     most_ranks = max((len(r["selected_per_rank"]) for r in train), default=0)
     for rank in range(most_ranks):  # NaN (a gap) at the steps of a smaller world
         counts = [
@@ -236,7 +249,10 @@ def plot_metrics(jsonl: Path, png: Path, task: Task) -> None:
     ax_rank.set(xlabel="step", ylabel="selected examples")
     for ax in (ax_loss, ax_metric, ax_sel, ax_rank):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax is ax_metric:  # above the panel: its lines span the whole height
+            ax.legend(fontsize=8, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+        else:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
