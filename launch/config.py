@@ -26,7 +26,7 @@ class Config:
     run_dir: str = "runs/default"  # metrics, summary, plot and checkpoints go here
     seed: int = 0  # data, model init, data order and scope="random" draws
     task: str = "detection"  # "detection" (generated) or "digits" (scikit-learn, long-tailed)
-    shard: str = "iid"  # "iid" or "skewed": hard groups on rank 0 (launch/data.py)
+    shard: str = "iid"  # "iid", "skewed" (hard groups on rank 0) or "sources" (launch/data.py)
     # optimization: AdamW, cosine decay from lr to min_lr over max_steps
     max_steps: int = 600  # optimizer steps
     batch_size: int = 128  # per rank: K = batch_size * world size
@@ -67,7 +67,7 @@ class Config:
 
 CHOICES = {
     "task": TASKS,
-    "shard": ("iid", "skewed"),
+    "shard": ("iid", "skewed", "sources"),
     "mode": ("two_pass", "mask"),
     "rule": ("keep", "top_k", "loss_thresh", "neg_pos_ratio"),
     "engine": ("auto", "ddp", "accelerate", "deepspeed"),
