@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shlex
 import statistics
@@ -434,10 +435,611 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+# ----------------------------------------------------------------------------- budget study
+#
+# ``--budget``: when does global selection pay? The per-rank batch n is the axis: each
+# rank's local budget is keep x n examples, and local OHEM can keep no more of its own hard
+# examples than that. Every cell trains on ``global_batch_size = W x n``, so the three
+# shardings split the same global batch (launch/data.py): ``iid``, ``skewed`` (every hard
+# example on rank 0, spilling to rank 1 when rank 0 is full) and ``sources`` (rank r reads
+# source r mod 4, the sources holding the hard examples 4:2:1:0).
+#
+# The default runner replays launch/train.py's training in one process (``simulate``): the
+# same task, initial weights, global batches and rank slices (launch/data.py), the same
+# selector (dist_ohem, W=1 on each rank's slice for local, on the rank-major concatenation
+# for global and random: the same keys and global order), the same loss normalization
+# (DESIGN §4: the gradient of the mean over the M selected), AdamW and cosine schedule. It
+# leaves out only the process group: torchrun's start-up (18-31 s a run on 2 cores against
+# 0.2-3 s of training) would make this 700-run grid ~5 h. ``--runner torchrun`` trains the
+# same grid with launch/train.py; ``--validate`` runs a few cells both ways and records the
+# agreement in budget.json.
+
+#: (W, per-rank batch n) of the budget axis.
+BUDGET_RANKS = ((4, 4), (4, 8), (4, 16), (4, 64), (8, 4), (8, 8))
+BUDGET_SHARDS = ("iid", "skewed", "sources")
+BUDGET_STEPS = 300
+#: Cells trained both ways (simulated and under torchrun) by ``--validate``: (task, W, n,
+#: shard, variant), seed 0.
+VALIDATE = (
+    ("digits", 4, 4, "skewed", "local"),
+    ("digits", 4, 4, "skewed", "global"),
+    ("digits", 4, 8, "sources", "local"),
+    ("detection", 4, 16, "sources", "local"),
+)
+
+
+@dataclass(frozen=True)
+class BudgetCell:
+    """One (task, W, per-rank batch, sharding) setting of the budget study."""
+
+    task: str
+    world_size: int
+    per_rank: int
+    shard: str
+    max_steps: int = BUDGET_STEPS
+
+    @property
+    def name(self) -> str:
+        """``digits W=4 n=8 skewed``."""
+        return f"{self.task} W={self.world_size} n={self.per_rank} {self.shard}"
+
+    @property
+    def budget(self) -> int:
+        """Examples each rank keeps under local OHEM: ceil(keep x n)."""
+        return math.ceil(KEEP * self.per_rank - 1e-9)
+
+    def overrides(self, variant: str, seed: int) -> list[str]:
+        """launch/train.py's ``key=value`` settings of one run."""
+        return [
+            f"task={self.task}",
+            f"shard={self.shard}",
+            f"seed={seed}",
+            f"max_steps={self.max_steps}",
+            f"global_batch_size={self.world_size * self.per_rank}",
+            "mode=two_pass",
+            f"scope={variant}",
+            "rule=keep",
+            f"keep={KEEP}",
+            f"eval_every={self.max_steps}",
+            f"checkpoint_every={self.max_steps}",
+            "log_every=100000",
+            "plot=false",
+        ]
+
+
+def budget_cells(tasks: tuple[str, ...], steps: int) -> list[BudgetCell]:
+    """Every (task, W, n, shard) of the study."""
+    return [
+        BudgetCell(task, world_size, per_rank, shard, steps)
+        for task in tasks
+        for world_size, per_rank in BUDGET_RANKS
+        for shard in BUDGET_SHARDS
+    ]
+
+
+_TASKS: dict[tuple[str, int], Any] = {}
+
+
+def _task(name: str, seed: int) -> Any:
+    from launch.tasks import make_task
+
+    if (name, seed) not in _TASKS:
+        _TASKS.clear()
+        _TASKS[name, seed] = make_task(name, seed)
+    return _TASKS[name, seed]
+
+
+def simulate(cell: BudgetCell, variant: str, seed: int) -> dict[str, Any]:
+    """launch/train.py's two-pass training of one (cell, variant, seed), W ranks replayed
+    in this process; its final test metrics and per-step selection telemetry."""
+    import functools
+
+    import torch
+    from torch import nn
+
+    from dist_ohem import HardExampleSelector
+    from launch.config import parse_args
+    from launch.data import batch_indices
+    from launch.train import lr_factor
+
+    cfg = parse_args(cell.overrides(variant, seed))
+    task = _task(cell.task, seed)
+    world = cell.world_size
+    torch.manual_seed(cfg.seed)
+    model = task.make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg))
+    selector = HardExampleSelector(keep=KEEP, scope=variant, seed=cfg.seed)
+    criterion = nn.CrossEntropyLoss(reduction="none")
+    hard_groups = torch.tensor(task.hard_groups)
+    hard_in = hard_kept = over_budget = 0
+    max_hard_rank = 0.0
+    selected_by_rank = [0] * world
+    started = time.perf_counter()
+    for step in range(1, cfg.max_steps + 1):
+        slices = [batch_indices(cfg, task, step, rank, world) for rank in range(world)]
+        index = torch.cat(slices)
+        x, y = task.x_train[index], task.y_train[index]
+        with torch.no_grad():  # the scoring pass, rank by rank as on W ranks
+            losses = torch.cat(
+                [
+                    criterion(model(x[i]), y[i])
+                    for i in torch.arange(len(index)).split([len(s) for s in slices])
+                ]
+            )
+        if variant == "local":
+            mask = torch.cat(
+                [selector(part).mask for part in losses.split([len(s) for s in slices])]
+            )
+        else:
+            mask = selector(losses).mask
+        chosen = mask.nonzero().flatten()
+        loss = criterion(model(x[chosen]), y[chosen]).sum() / max(len(chosen), 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+        hard = torch.isin(task.group_train[index], hard_groups)
+        hard_in += int(hard.sum())
+        hard_kept += int((hard & mask).sum())
+        per_rank_hard = [int(h.sum()) for h in hard.split([len(s) for s in slices])]
+        over_budget += sum(max(0, h - cell.budget) for h in per_rank_hard)
+        max_hard_rank += max(per_rank_hard)
+        for rank, part in enumerate(mask.split([len(s) for s in slices])):
+            selected_by_rank[rank] += int(part.sum())
+    train_s = time.perf_counter() - started
+    model.eval()
+    with torch.no_grad():
+        final = task.metrics(model(task.x_test))
+    steps = cfg.max_steps
+    return {
+        "final": {key: final[key] for key in METRICS[cell.task]},
+        "train_s": train_s,
+        "hard_kept": hard_kept / max(1, hard_in),
+        "hard_per_step": hard_in / steps,
+        "hard_on_fullest_rank": max_hard_rank / steps,
+        # Share of the batches' hard examples beyond their own rank's local budget: the
+        # least local OHEM must drop, whatever their losses.
+        "hard_over_budget": over_budget / max(1, hard_in),
+        "selected_share_by_rank": [n / max(1, sum(selected_by_rank)) for n in selected_by_rank],
+    }
+
+
+def run_torchrun(cell: BudgetCell, variant: str, seed: int, runs_dir: Path) -> dict[str, Any]:
+    """The same run under torchrun with launch/train.py (slow: start-up dominates)."""
+    run_dir = runs_dir / f"{cell.name.replace(' ', '_').replace('=', '')}_{variant}_s{seed}"
+    command = [
+        "torchrun",
+        f"--nproc_per_node={cell.world_size}",
+        f"--master_port={free_port()}",
+        "launch/train.py",
+        f"run_dir={run_dir}",
+        *cell.overrides(variant, seed),
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed:\n{done.stderr[-4000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    return {
+        "final": {key: summary["final_eval"][key] for key in METRICS[cell.task]},
+        "train_s": summary["throughput"]["train_s"],
+        "launch_wall_s": time.perf_counter() - started,
+        "hard_kept": sum(r["hard_selected"] for r in train)
+        / max(1, sum(r["hard_in_batch"] for r in train)),
+        "command": "OMP_NUM_THREADS=1 " + shlex.join(command),
+    }
+
+
+def run_key(cell: BudgetCell, variant: str, seed: int) -> str:
+    """The key of one run in the results file."""
+    return f"{cell.name} {variant} s{seed}"
+
+
+def run_budget(args: argparse.Namespace) -> None:
+    """Train (or resume) the budget grid one run at a time, appending each finished run to
+    ``runs_dir/budget.jsonl``; then write budget.{json,md,png}."""
+    import torch
+
+    torch.set_num_threads(1)
+    started, load_start = time.perf_counter(), os.getloadavg()
+    cells = budget_cells(tuple(args.tasks), args.steps)
+    seeds = list(range(args.seeds))
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    store = args.runs_dir / "budget.jsonl"
+    done = {}
+    if store.exists():
+        for line in store.read_text().splitlines():
+            record = json.loads(line)
+            done[record["key"]] = record
+    total = len(cells) * len(VARIANTS) * len(seeds)
+    loads = []
+    with store.open("a") as out:
+        # Task by task, seed by seed: a partial grid holds whole seeds of the first task.
+        order = [(c, s) for t in args.tasks for s in seeds for c in cells if c.task == t]
+        for cell, seed in order:
+            for variant in VARIANTS:
+                key = run_key(cell, variant, seed)
+                if key in done or args.report_only:
+                    continue
+                if args.runner == "sim":
+                    result = simulate(cell, variant, seed)
+                else:
+                    result = run_torchrun(cell, variant, seed, args.runs_dir)
+                record = {
+                    "key": key,
+                    "cell": asdict(cell),
+                    "variant": variant,
+                    "seed": seed,
+                    "runner": args.runner,
+                    **result,
+                }
+                done[key] = record
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                loads.append(os.getloadavg()[0])
+                logger.info(
+                    "[%d/%d] %s: %s %.3f (%.1f s)",
+                    len(done),
+                    total,
+                    key,
+                    METRICS[cell.task][0],
+                    result["final"][METRICS[cell.task][0]],
+                    result["train_s"],
+                )
+    validation = validate(args) if args.validate else None
+    if validation is None and (args.output_dir / "budget.json").exists():
+        validation = json.loads((args.output_dir / "budget.json").read_text()).get("validation")
+    runs = [r for r in done.values() if r["seed"] in seeds and BudgetCell(**r["cell"]) in cells]
+    meta = {
+        **run_meta(started, load_start, ("dist_ohem", "launch", "bench")),
+        "machine": args.machine,
+        "load_1min_during": [min(loads), max(loads)] if loads else None,
+        "runner": args.runner,
+    }
+    report = {
+        "meta": meta,
+        "keep": KEEP,
+        "steps": args.steps,
+        "seeds": seeds,
+        "cells": [asdict(c) for c in cells],
+        "rows": budget_rows(cells, runs),
+        "validation": validation,
+        "runs": sorted(runs, key=lambda r: r["key"]),
+    }
+    write_report(report, render_budget(report), args.output_dir, "budget")
+    plot_budget(report, args.output_dir / "budget.png")
+    logger.info("wrote %s/budget.png", args.output_dir)
+
+
+def validate(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The ``VALIDATE`` runs both simulated and under torchrun: final metrics side by
+    side."""
+    rows = []
+    for task, world_size, per_rank, shard, variant in VALIDATE:
+        cell = BudgetCell(task, world_size, per_rank, shard, args.steps)
+        sim = simulate(cell, variant, 0)
+        real = run_torchrun(cell, variant, 0, args.runs_dir / "validate")
+        rows.append(
+            {
+                "cell": cell.name,
+                "variant": variant,
+                "seed": 0,
+                "simulated": sim["final"],
+                "torchrun": real["final"],
+                "hard_kept": [sim["hard_kept"], real["hard_kept"]],
+                "command": real["command"],
+                "launch_wall_s": real["launch_wall_s"],
+                "simulated_train_s": sim["train_s"],
+            }
+        )
+        logger.info("validate %s %s: %s vs %s", cell.name, variant, sim["final"], real["final"])
+    return rows
+
+
+def budget_rows(cells: list[BudgetCell], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per cell: every variant's metrics (mean ± std), hard kept, and global - local paired
+    by seed on each metric."""
+    rows = []
+    for cell in cells:
+        mine = [r for r in runs if BudgetCell(**r["cell"]) == cell]
+        if not mine:
+            continue
+        by = {v: {r["seed"]: r for r in mine if r["variant"] == v} for v in VARIANTS}
+        paired = sorted(set(by["global"]) & set(by["local"]))
+        diff = {}
+        for metric in METRICS[cell.task]:
+            d = [by["global"][s]["final"][metric] - by["local"][s]["final"][metric] for s in paired]
+            diff[metric] = {
+                **mean_std(d),
+                "ahead": sum(x > 0 for x in d),
+                "behind": sum(x < 0 for x in d),
+                "values": d,
+            }
+        rows.append(
+            {
+                "cell": cell.name,
+                **asdict(cell),
+                "budget": cell.budget,
+                "hard_per_rank_mean": statistics.fmean(r["hard_per_step"] for r in mine)
+                / cell.world_size,
+                "hard_on_fullest_rank": statistics.fmean(r["hard_on_fullest_rank"] for r in mine),
+                "hard_over_budget": mean_std([r["hard_over_budget"] for r in mine]),
+                "variants": {
+                    v: {
+                        "seeds": sorted(by[v]),
+                        "final": {
+                            m: mean_std([r["final"][m] for r in by[v].values()])
+                            for m in METRICS[cell.task]
+                        },
+                        "hard_kept": mean_std([r["hard_kept"] for r in by[v].values()]),
+                        "train_s": mean_std([r["train_s"] for r in by[v].values()]),
+                    }
+                    for v in VARIANTS
+                },
+                "global_minus_local": diff,
+            }
+        )
+    return rows
+
+
+def _signed(stat: dict[str, Any]) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{fmt(stat, '+.3f')} ({stat['ahead']}/{stat['n']})"
+
+
+def render_budget(report: dict[str, Any]) -> str:
+    """budget.md: setup, then per task the headline table and the hard-case table."""
+    meta = report["meta"]
+    parts = [
+        "# When does global selection pay? The per-rank budget study",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date (UTC): {meta['date']}; torch {meta['torch']}; python {meta['python']}; "
+        f"{meta['cores']} cores; git {meta['git']}; one thread",
+        f"- machine: {meta['machine']}; load average (1 min) {meta['load_start'][0]} at "
+        f"start, {meta['load_end'][0]} at end, {meta['load_1min_during']} (min, max) after "
+        f"each run; wall time {meta['wall_s'] / 60:.1f} min (this invocation only: the grid "
+        "is resumable and may have been trained over several)",
+        f"- runner: `{meta['runner']}`"
+        + (
+            " (launch/train.py's training replayed in one process, W ranks' slices, selector "
+            "calls and normalization as on W ranks; see the validation table at the end)"
+            if meta["runner"] == "sim"
+            else " (launch/train.py under torchrun)"
+        ),
+        f"- grid: W=4 with per-rank batch n ∈ {{4, 8, 16, 64}}, W=8 with n ∈ {{4, 8}}; "
+        f"shardings {', '.join(BUDGET_SHARDS)}; keep = {report['keep']} (local budget "
+        f"ceil(keep·n) per rank); {report['steps']} steps; seeds {report['seeds']}; every "
+        "cell trains on global_batch_size = W·n, so the shardings split the same global "
+        "batches and global OHEM and no mining see the same data in all three",
+        "- shardings: iid (each rank a random slice); skewed (every hard example of the "
+        "global batch on rank 0, the overflow on rank 1, ...); sources (rank r reads "
+        "source r mod 4; the sources hold the hard examples 4:2:1:0, so about 32/16/8/0% of "
+        "a digits rank's examples are hard)",
+        "- hard examples: digits: the 5 tail digits (~14% of the training set); detection: "
+        "positives and hard negatives (8%)",
+        "- global - local: final metric of global OHEM minus local OHEM's with the same seed "
+        "(same data, same initial weights): mean ± sample std over seeds, (seeds where "
+        "global was ahead / seeds)",
+        "- hard/rank: mean hard examples per rank per step, and on the fullest rank; over "
+        "budget: the share of the batches' hard examples beyond their own rank's local "
+        "budget (what local OHEM must drop, whatever the losses); hard kept: the share of "
+        "the batches' hard examples each variant trained on",
+        "",
+    ]
+    for task in METRICS:
+        rows = [r for r in report["rows"] if r["task"] == task]
+        if not rows:
+            continue
+        headline = METRICS[task][0]
+        parts += [
+            f"## {task}: {LABELS[headline]} (final, test)",
+            "",
+            markdown_table(
+                [
+                    "W",
+                    "n",
+                    "shard",
+                    "budget keep·n",
+                    "hard/rank (fullest)",
+                    "over budget",
+                    *(VARIANTS[v] for v in VARIANTS),
+                    "global - local",
+                    "hard kept local / global",
+                ],
+                [
+                    [
+                        str(r["world_size"]),
+                        str(r["per_rank"]),
+                        r["shard"],
+                        str(r["budget"]),
+                        f"{r['hard_per_rank_mean']:.2f} ({r['hard_on_fullest_rank']:.2f})",
+                        fmt(r["hard_over_budget"], ".2f"),
+                        *(fmt(r["variants"][v]["final"][headline]) for v in VARIANTS),
+                        f"**{_signed(r['global_minus_local'][headline])}**",
+                        f"{fmt(r['variants']['local']['hard_kept'], '.2f')} / "
+                        f"{fmt(r['variants']['global']['hard_kept'], '.2f')}",
+                    ]
+                    for r in rows
+                ],
+            ),
+            "",
+            f"### {task}: every hard-case metric, global - local (paired)",
+            "",
+            markdown_table(
+                ["W", "n", "shard", *(LABELS[m] for m in METRICS[task])],
+                [
+                    [
+                        str(r["world_size"]),
+                        str(r["per_rank"]),
+                        r["shard"],
+                        *(_signed(r["global_minus_local"][m]) for m in METRICS[task]),
+                    ]
+                    for r in rows
+                ],
+            ),
+            "",
+            f"### {task}: hard examples kept by each variant",
+            "",
+            markdown_table(
+                ["W", "n", "shard", *(VARIANTS[v] for v in VARIANTS)],
+                [
+                    [
+                        str(r["world_size"]),
+                        str(r["per_rank"]),
+                        r["shard"],
+                        *(fmt(r["variants"][v]["hard_kept"], ".2f") for v in VARIANTS),
+                    ]
+                    for r in rows
+                ],
+            ),
+            "",
+        ]
+    if report.get("validation"):
+        parts += [
+            "## Validation: the in-process replay against launch/train.py under torchrun",
+            "",
+            "Seed 0, the same settings; final test metrics and the share of hard examples "
+            "kept. Both are deterministic; they differ only by the floating-point order of "
+            "the gradient sum (one process against W partial sums all-reduced), which can "
+            "flip a near-tie of the selection and then the trajectories drift apart.",
+            "",
+            markdown_table(
+                [
+                    "cell",
+                    "variant",
+                    "metric",
+                    "replayed",
+                    "torchrun",
+                    "hard kept replayed / torchrun",
+                ],
+                [
+                    [
+                        v["cell"],
+                        VARIANTS[v["variant"]],
+                        LABELS[m],
+                        f"{v['simulated'][m]:.3f}",
+                        f"{v['torchrun'][m]:.3f}",
+                        f"{v['hard_kept'][0]:.3f} / {v['hard_kept'][1]:.3f}",
+                    ]
+                    for v in report["validation"]
+                    for m in METRICS[v["cell"].split()[0]]
+                ],
+            ),
+            "",
+        ]
+    return "\n".join(parts)
+
+
+def plot_budget(report: dict[str, Any], path: Path) -> None:
+    """Per task: global - local headline (paired, mean ± std, seeds as dots) against the
+    per-rank budget keep·n, one line per sharding (W=4 solid, W=8 dashed); below it the
+    same against the share of hard examples over their rank's budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in METRICS if any(r["task"] == t for r in report["rows"])]
+    figure, axes = plt.subplots(
+        2, len(tasks), figsize=(6.4 * len(tasks), 9), squeeze=False, constrained_layout=True
+    )
+    colors = {"iid": "tab:blue", "skewed": "tab:red", "sources": "tab:green"}
+    world_sizes = sorted({r["world_size"] for r in report["rows"]})
+    for column, task in enumerate(tasks):
+        headline = METRICS[task][0]
+        for row_index, xkey in enumerate(("budget", "over")):
+            ax = axes[row_index][column]
+            for shard in BUDGET_SHARDS:
+                for world_size, style in zip(world_sizes, ("-", "--", ":", "-."), strict=False):
+                    rows = sorted(
+                        (
+                            r
+                            for r in report["rows"]
+                            if r["task"] == task
+                            and r["shard"] == shard
+                            and r["world_size"] == world_size
+                        ),
+                        key=lambda r: r["per_rank"],
+                    )
+                    if not rows:
+                        continue
+                    x = [
+                        r["budget"] if xkey == "budget" else r["hard_over_budget"]["mean"]
+                        for r in rows
+                    ]
+                    stats = [r["global_minus_local"][headline] for r in rows]
+                    mean = [s["mean"] for s in stats]
+                    std = [s["std"] or 0 for s in stats]
+                    ax.errorbar(
+                        x,
+                        mean,
+                        yerr=std,
+                        color=colors[shard],
+                        linestyle=style,
+                        marker="o",
+                        capsize=3,
+                        label=f"{shard}, W={world_size}",
+                    )
+                    for xi, s in zip(x, stats, strict=True):
+                        ax.scatter(
+                            [xi] * len(s["values"]),
+                            s["values"],
+                            color=colors[shard],
+                            alpha=0.25,
+                            s=10,
+                        )
+            ax.axhline(0, color="gray", linewidth=1)
+            if xkey == "budget":
+                ax.set_xscale("log", base=2)
+                ax.set_xticks([1, 2, 4, 16])
+                ax.set_xticklabels(["1 (n=4)", "2 (n=8)", "4 (n=16)", "16 (n=64)"])
+                ax.set_xlabel("per-rank budget keep·n (examples each rank keeps, keep = 1/4)")
+            else:
+                ax.set_xlabel("share of the batch's hard examples beyond their rank's budget")
+            ax.set_ylabel(f"global - local, test {LABELS[headline]} (paired by seed)")
+            ax.set_title(f"{task}: global - local OHEM, mean ± std over seeds (dots: seeds)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    figure.suptitle("When does global selection pay? Small per-rank batches on uneven shards")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one cell, 2 seeds, short: < 3 min")
+    parser.add_argument(
+        "--budget",
+        action="store_true",
+        help="the per-rank budget study instead (resumable; writes budget.{json,md,png})",
+    )
+    parser.add_argument(
+        "--runner",
+        choices=("sim", "torchrun"),
+        default="sim",
+        help="--budget: replay the W ranks in one process (default) or run torchrun",
+    )
+    parser.add_argument("--tasks", nargs="+", default=list(METRICS), choices=list(METRICS))
+    parser.add_argument("--steps", type=int, default=BUDGET_STEPS, help="--budget: steps a run")
+    parser.add_argument(
+        "--validate", action="store_true", help="--budget: also check a few cells under torchrun"
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="--budget: report the runs already done"
+    )
     parser.add_argument("--seeds", type=int, help="seeds per variant (default 5; --quick 2)")
     parser.add_argument(
         "--machine",
@@ -460,6 +1062,11 @@ def main(argv: list[str] | None = None) -> None:
     """Train every cell x variant x seed, then print and write the report."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.budget:
+        if args.runs_dir == ROOT / "runs" / "quality":
+            args.runs_dir = ROOT / "runs" / "budget"
+        run_budget(args)
+        return
     cells = list(QUICK if args.quick else FULL)
     seeds = list(range(args.seeds))
     started, load_start = time.perf_counter(), os.getloadavg()

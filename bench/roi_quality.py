@@ -382,6 +382,184 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+# ----------------------------------------------------------------------------- diagnosis
+#
+# ``--diagnose``: why does global OHEM trail local OHEM in the skewed cell? The skewed
+# cell's local and global runs again (more seeds), each final model also evaluated on
+# test scenes of the two training kinds (EASY: one object, no look-alike; HARD: crowded,
+# many look-alikes), and the pair again at half and twice the learning rate.
+
+#: (variant, learning-rate factor) pairs of the diagnosis; seeds 0-9 at factor 1, 0-4 else.
+DIAGNOSIS = (("local", 1.0), ("global", 1.0), ("local", 0.5), ("global", 0.5))
+DIAGNOSIS += (("local", 2.0), ("global", 2.0))
+DIAGNOSIS_SEEDS = {1.0: 10, 0.5: 5, 2.0: 5}
+#: Test sets of the diagnosis: the usual iid one, and one per training kind.
+DIAGNOSIS_TESTS = ("iid", "easy", "hard")
+
+
+def diagnose_rank_main(
+    rank: int, world_size: int, init_file: str, plan: dict, out_file: str
+) -> None:
+    """One rank of the diagnosis: the runs of ``plan``, each final model evaluated on the
+    iid, EASY and HARD test scenes (``roi_detection.evaluate`` wrapped, nothing else
+    changed)."""
+    import json
+
+    import roi_detection
+    import roi_scenes
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    evaluate = roi_detection.evaluate
+    tests = {
+        name: [
+            roi_scenes.make_scene(roi_detection.TEST_SEED, i, mix)
+            for i in range(plan["test_images"])
+        ]
+        for name, mix in (("easy", roi_scenes.EASY), ("hard", roi_scenes.HARD))
+    }
+
+    def evaluate_all(backbone: Any, head: Any, test: list) -> dict[str, float]:
+        result = evaluate(backbone, head, test)
+        for name, scenes in tests.items():
+            other = evaluate(backbone, head, scenes)
+            result[f"map_{name}"], result[f"map50_{name}"] = other["map"], other["map50"]
+        return result
+
+    roi_detection.evaluate = evaluate_all
+    base_lr = roi_detection.Config.lr
+    runs = []
+    for variant, factor, seed in plan["runs"]:
+        run_dir = Path(plan["runs_dir"]) / f"diag_{variant}_lr{factor}_s{seed}"
+        cfg = roi_detection.Config(
+            run_dir=str(run_dir), seed=seed, scope=variant, shard="skewed",
+            max_steps=plan["steps"], eval_every=plan["steps"], plot=False,
+            test_images=plan["test_images"], progress=False, lr=base_lr * factor,
+        )  # fmt: skip
+        summary = roi_detection.train(cfg)
+        if rank == 0:
+            record = read_run(run_dir, summary, variant, seed, cfg)
+            record["lr_factor"] = factor
+            record["final"] |= {
+                key: summary[key] for key in summary if key.startswith(("map_", "map50_"))
+            }
+            runs.append(record)
+            logging.info(
+                "diagnosis %s lr x%s seed %d: mAP %.3f (easy %.3f, hard %.3f), rank 0 %.3f",
+                variant, factor, seed, summary["map"], summary["map_easy"],
+                summary["map_hard"], record["rank_share"][0],
+            )  # fmt: skip
+    if rank == 0:
+        Path(out_file).write_text(json.dumps({"runs": runs}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def diagnosis_rows(runs: list[dict]) -> list[dict[str, Any]]:
+    """Per learning-rate factor and test set: local and global mAP, global - local paired."""
+    rows = []
+    for factor in sorted({r["lr_factor"] for r in runs}):
+        mine = [r for r in runs if r["lr_factor"] == factor]
+        by = {v: {r["seed"]: r for r in mine if r["variant"] == v} for v in ("local", "global")}
+        seeds = sorted(set(by["local"]) & set(by["global"]))
+        for test in DIAGNOSIS_TESTS:
+            key = "map" if test == "iid" else f"map_{test}"
+            diff = [by["global"][s]["final"][key] - by["local"][s]["final"][key] for s in seeds]
+            rows.append(
+                {
+                    "lr_factor": factor,
+                    "test": test,
+                    "local": mean_std([by["local"][s]["final"][key] for s in seeds]),
+                    "global": mean_std([by["global"][s]["final"][key] for s in seeds]),
+                    "global_minus_local": {
+                        **mean_std(diff),
+                        "ahead": sum(d > 0 for d in diff),
+                        "values": diff,
+                    },
+                    "rank0_share_global": mean_std(
+                        [by["global"][s]["rank_share"][0] for s in seeds]
+                    ),
+                    "lookalike_kept": {
+                        v: mean_std([by[v][s]["lookalike_kept"] for s in seeds]) for v in by
+                    },
+                    "fg_kept": {v: mean_std([by[v][s]["fg_kept"] for s in seeds]) for v in by},
+                }
+            )
+    return rows
+
+
+def diagnosis_markdown(report: dict[str, Any]) -> str:
+    """roi_skewed_diagnosis.md."""
+    meta = report["meta"]
+    lines = [
+        "# Why global OHEM trails local OHEM on the skewed RoI shard: a measurement",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date (UTC): {meta['date']}; torch {meta['torch']}; {meta['cores']} cores; git "
+        f"{meta['git']}; load average (1 min) {meta['load_start'][0]} at start, "
+        f"{meta['load_end'][0]} at end; wall time {meta['wall_s'] / 60:.1f} min",
+        f"- the skewed cell of roi_skewed.md (W=2, {report['steps']} steps, rank 0 HARD "
+        "scenes, rank 1 EASY, one image per rank, 64 RoIs per image), local and global "
+        "OHEM; seeds 0-9 at the example's learning rate (3e-3), 0-4 at half and twice it",
+        f"- every final model is evaluated on three fixed test sets of {report['test_images']} "
+        "scenes: iid (the study's), easy (one object, no look-alike: rank 1's kind) and "
+        "hard (4-6 objects, 3-5 look-alikes: rank 0's kind); COCO mAP@[.5:.95]",
+        "- global - local: paired by seed, mean ± std, (seeds where global was ahead / seeds)",
+        "",
+        markdown_table(
+            [
+                "lr",
+                "test set",
+                "local OHEM",
+                "global OHEM",
+                "global - local",
+                "rank 0 share (global)",
+                "look-alike RoIs kept local / global",
+            ],
+            [
+                [
+                    f"x{r['lr_factor']:g}",
+                    r["test"],
+                    fmt(r["local"]),
+                    fmt(r["global"]),
+                    f"{fmt(r['global_minus_local'], '+.3f')} "
+                    f"({r['global_minus_local']['ahead']}/{r['global_minus_local']['n']})",
+                    fmt(r["rank0_share_global"]),
+                    f"{fmt(r['lookalike_kept']['local'])} / {fmt(r['lookalike_kept']['global'])}",
+                ]
+                for r in report["rows"]
+            ],
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def diagnose(args: argparse.Namespace) -> None:
+    """Run the diagnosis; write roi_skewed_diagnosis.{json,md}."""
+    started, load_start = time.perf_counter(), os.getloadavg()
+    steps = SKEWED.steps
+    planned = [
+        (variant, factor, seed)
+        for variant, factor in DIAGNOSIS
+        for seed in range(DIAGNOSIS_SEEDS[factor])
+    ]
+    plan = {"steps": steps, "test_images": 100, "runs_dir": str(args.runs_dir), "runs": planned}
+    result = run_world(SKEWED.world_size, plan, diagnose_rank_main)
+    meta = run_meta(started, load_start, ("dist_ohem", "examples", "bench/roi_quality.py"))
+    meta["machine"] = args.machine
+    report = {
+        "meta": meta,
+        "steps": steps,
+        "test_images": 100,
+        "rows": diagnosis_rows(result["runs"]),
+        "runs": result["runs"],
+    }
+    write_report(report, diagnosis_markdown(report), args.output_dir, "roi_skewed_diagnosis")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="W=2, 2 seeds, 60 steps")
@@ -393,6 +571,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only the skewed-shard cell: roi_skewed.{json,md,png} (--quick: 60 steps)",
     )
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="why global trails local on the skewed shard: roi_skewed_diagnosis.{json,md}",
+    )
     parser.add_argument("--seeds", type=int, help="seeds per variant (default 5; --quick 2)")
     parser.add_argument("--machine", default="not stated", help="a note: quiet or shared?")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "bench" / "results")
@@ -402,6 +585,9 @@ def main(argv: list[str] | None = None) -> None:
     import roi_detection
     import roi_scenes
 
+    if args.diagnose:
+        diagnose(args)
+        return
     cells = QUICK if args.quick else FULL
     seeds = list(range(args.seeds or (2 if args.quick else 5)))
     if args.timing_only:

@@ -98,3 +98,42 @@ def test_aggregate_counts_unreached_seeds_and_pairs_by_seed(tmp_path: Path) -> N
     )
     assert "| 2 | skewed | local OHEM | 0.750 ± 0.071 |" in markdown
     assert "1/2" in markdown
+
+
+# ----------------------------------------------------------------------------- budget study
+
+
+def test_budget_simulation_keeps_the_local_budget_and_the_global_count() -> None:
+    """3 steps of digits at W=4, n=4 (budget 1 per rank), the hard digits on rank 0."""
+    cell = quality.BudgetCell("digits", 4, 4, "skewed", max_steps=3)
+    assert cell.budget == 1 and cell.name == "digits W=4 n=4 skewed"
+    runs = {v: quality.simulate(cell, v, seed=0) for v in quality.VARIANTS}
+    for run in runs.values():
+        assert set(run["final"]) == set(quality.METRICS["digits"])
+        assert run["hard_over_budget"] == runs["all"]["hard_over_budget"]  # data, not variant
+    # Local OHEM trains one example per rank and step: a quarter of the trained examples
+    # from each rank; global OHEM picks the same M = 4 anywhere.
+    assert runs["local"]["selected_share_by_rank"] == [0.25] * 4
+    assert sum(runs["global"]["selected_share_by_rank"]) == pytest.approx(1.0)
+    assert runs["all"]["hard_kept"] == 1.0
+    # Every hard example on rank 0 and only one slot there: local keeps at most 1 a step.
+    assert runs["local"]["hard_kept"] * runs["local"]["hard_per_step"] <= 1.0 + 1e-9
+
+
+def test_budget_grid_is_resumable_and_reports(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(quality, "BUDGET_RANKS", ((2, 4),))
+    argv = ["--budget", "--tasks", "digits", "--steps", "2", "--seeds", "2"]
+    argv += ["--output-dir", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")]
+    quality.main(argv)
+    store = tmp_path / "runs" / "budget.jsonl"
+    lines = store.read_text().splitlines()
+    assert len(lines) == 3 * 4 * 2  # 3 shardings x 4 variants x 2 seeds
+    quality.main(argv)  # nothing left to train: the report is rebuilt from the store
+    assert store.read_text().splitlines() == lines
+    report = json.loads((tmp_path / "out" / "budget.json").read_text())
+    assert len(report["rows"]) == 3 and len(report["runs"]) == 24
+    diff = report["rows"][0]["global_minus_local"]["tail_acc"]
+    assert diff["n"] == 2 and len(diff["values"]) == 2
+    markdown = (tmp_path / "out" / "budget.md").read_text()
+    assert "global - local" in markdown and "## digits: tail acc" in markdown
+    assert (tmp_path / "out" / "budget.png").stat().st_size > 10_000
