@@ -2,6 +2,7 @@
 
 from dist_ohem.comm import DistributedInputError
 from dist_ohem.loss import OHEMLoss, masked_loss, per_instance_criterion
+from dist_ohem.result import SelectionResult
 from dist_ohem.selection import (
     SelectionRule,
     exact_ceil,
@@ -14,7 +15,7 @@ from dist_ohem.selection import (
     select_mask,
     top_m_mask,
 )
-from dist_ohem.selector import HardExampleSelector, SelectionResult
+from dist_ohem.selector import HardExampleSelector
 from dist_ohem.step import StepOutput, ohem_step
 
 __all__ = [

@@ -21,11 +21,13 @@ except ImportError:  # optional: CPU rows are then built and read with torch ops
 
 __all__ = [
     "DistributedInputError",
+    "LateRead",
     "all_gather_equal",
     "all_gather_uneven",
     "all_reduce_sum",
     "all_to_all_uneven",
     "exchange_rank_rows",
+    "gather_rows",
     "get_rank",
     "get_world_size",
     "is_distributed",
@@ -97,10 +99,7 @@ def exchange_rank_rows(
         ``(listed_rows, rows)``: the first ``listed`` entries of every rank's row as
         Python lists (rank order) and the ``(W, length)`` int64 tensor, row r from rank r.
     """
-    if device is None:
-        device = torch.device("cpu") if payload is None else payload.device
-    row = _build_row(columns, int(error is not None), payload, device)
-    rows = all_gather_equal(row, group)
+    rows = gather_rows(columns, error, group, device=device, payload=payload)
     width = rows.shape[1] if listed is None else 1 + listed
     # One device-to-host copy; on CPU through numpy, whose tolist is several times faster.
     head = (rows.numpy() if _numpy is not None and rows.device.type == "cpu" else rows)[:, :width]
@@ -108,6 +107,56 @@ def exchange_rank_rows(
     if any(head_row[0] for head_row in head):
         raise_together(error, group)
     return [head_row[1:] for head_row in head], rows[:, 1:]
+
+
+def gather_rows(
+    columns: Sequence[int | torch.Tensor],
+    error: str | None = None,
+    group: dist.ProcessGroup | None = None,
+    *,
+    device: torch.device | None = None,
+    payload: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The all-gather of :func:`exchange_rank_rows` without reading anything back.
+
+    Returns the ``(W, 1 + len(columns) + len(payload))`` int64 rows on ``device``: column
+    0 is each rank's error flag, then its columns and payload. Nothing is raised here;
+    the caller reads the flags when it chooses (at once, or later through
+    :class:`LateRead`).
+    """
+    if device is None:
+        device = torch.device("cpu") if payload is None else payload.device
+    row = _build_row(columns, int(error is not None), payload, device)
+    return all_gather_equal(row, group)
+
+
+class LateRead:
+    """A device tensor on its way to host memory, read when the caller is ready.
+
+    On CUDA the copy goes to pinned memory without blocking the host, and an event marks
+    its end: :meth:`tolist` waits for that event only, typically long passed by then (a
+    whole training step later), instead of draining the device's queue at once. A CPU
+    tensor is read directly; a meta tensor has no values, and reads as zeros.
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._event = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        elif tensor.device.type == "meta":
+            self._host = torch.zeros(tensor.shape, dtype=tensor.dtype)
+        else:
+            self._host = tensor
+
+    def tolist(self) -> list:
+        """The tensor's values as (nested) Python lists."""
+        if self._event is not None:
+            self._event.synchronize()
+        host = self._host if self._host.device.type == "cpu" else self._host.cpu()
+        return (host.numpy() if _numpy is not None else host).tolist()
 
 
 def _build_row(

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dist_ohem import comm
-from dist_ohem.loss import masked_loss, normalization_scale
+from dist_ohem.loss import masked_loss, normalization_scale, scaled
 from dist_ohem.selection import hardness_key
 from dist_ohem.selector import HardExampleSelector, SelectionResult
 
@@ -208,8 +208,8 @@ class RoISelection:
     group: dist.ProcessGroup | None = None
 
     @property
-    def scale(self) -> float:
-        """``c / M``: the factor of the sum of this rank's selected losses."""
+    def scale(self) -> torch.Tensor:
+        """``c / M``: the factor of the sum of this rank's selected losses (0-dim, float64)."""
         return normalization_scale(self.result, "mean", self.grad_average, self.group)
 
     @property
@@ -242,8 +242,8 @@ class RoISelection:
                 f"selected_losses must have shape ({expected},), one loss per entry of "
                 f"train_indices, got {tuple(selected_losses.shape)}"
             )
-        weight = self.scale if self.result.num_selected_local else 0.0
-        return selected_losses.sum() * weight
+        weight = self.scale.where(self.result.on_device.num_selected_local > 0, 0.0)
+        return scaled(selected_losses.sum(), weight)
 
     def loss(self, losses: torch.Tensor) -> torch.Tensor:
         """``c / M`` times the sum of the selected entries of ``losses`` (mask mode:
@@ -337,7 +337,11 @@ class RoISelector:
             kept = self._dedup(losses, boxes, image_ids, labels, valid)
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank by fail()
             like = losses if isinstance(losses, torch.Tensor) else None
-            self.selector.fail(f"dedup_rois: {exc}", like, caller_config=self._caller_config)
+            message = f"dedup_rois: {exc}"
+            result = self.selector.fail(message, like, caller_config=self._caller_config)
+            # Deferred checks: nothing selected here, every rank raises at the next call.
+            nothing = torch.zeros_like(result.mask)
+            return RoISelection(nothing, nothing, result, self.grad_average, self.selector.group)
         result = self.selector(losses.detach(), valid=kept, caller_config=self._caller_config)
         return RoISelection(result.mask, kept, result, self.grad_average, self.selector.group)
 

@@ -8,11 +8,28 @@ from dataclasses import dataclass
 import torch
 
 from dist_ohem import kselect
+from dist_ohem.result import NO_KEY
 from dist_ohem.selection import SelectionRule
 
-__all__ = ["NO_KEY", "LocalBatch", "empty_batch", "prepare"]
+__all__ = ["CALL", "CHECK", "HEADER", "LocalBatch", "empty_batch", "prepare", "row_columns"]
 
-NO_KEY = 2**63 - 1  # the min of no keys
+# Columns of the per-rank row that every selector call exchanges (after comm's error flag).
+(
+    NUMEL,
+    VALID,
+    NAN,
+    FORCED,
+    CANDIDATES,
+    ABOVE,
+    MIN_ABOVE_KEY,
+    CONFIG,
+    KEY_BITS,
+    CALLS,
+    KIND,
+) = range(11)
+HEADER = 11
+#: What a row was sent by: a selector call, or ``HardExampleSelector.check``.
+CALL, CHECK = 0, 1
 
 
 @dataclass
@@ -120,3 +137,23 @@ def empty_batch(losses: object) -> LocalBatch:
         forced=empty,
         above=empty,
     )
+
+
+def row_columns(
+    batch: LocalBatch, config: int, key_bits: int, calls: int, kind: int = CALL
+) -> list[int | torch.Tensor]:
+    """This rank's header row, in column order (device counts stay 0-dim tensors)."""
+    columns = {
+        NUMEL: batch.losses.numel(),
+        VALID: batch.num_valid,
+        NAN: batch.num_nan,
+        FORCED: batch.num_forced,
+        CANDIDATES: batch.num_candidates,
+        ABOVE: batch.num_above,
+        MIN_ABOVE_KEY: batch.min_above_key,
+        CONFIG: config,
+        KEY_BITS: key_bits,
+        CALLS: calls,
+        KIND: kind,
+    }
+    return [columns[column] for column in range(HEADER)]

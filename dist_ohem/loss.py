@@ -66,14 +66,17 @@ class OHEMLoss(nn.Module):
             (``nn.CrossEntropyLoss`` ignores -100). Only applies to integer targets.
         selector: a :class:`HardExampleSelector`; or give its arguments as keywords.
         sync_mean_loss: compute :attr:`last_mean_loss` with one all-reduce of a scalar
-            per call; False skips it (``last_mean_loss`` is then NaN).
+            per call (on the device; nothing is read until you read it); False skips it
+            (``last_mean_loss`` is then NaN).
 
     ``forward(input, target, positive=None, *, score=None)`` returns the scalar
     ``(W / M) * sum(selected local losses)`` (``mean``), whose gradient, averaged over
     ranks, equals the gradient of the mean loss over the globally selected instances.
     The value is this rank's share, not the global mean (it must be, for the gradient);
-    the global mean over the selected instances is :attr:`last_mean_loss` (a float), the
-    number to log. The last :class:`SelectionResult` is ``.last``.
+    the global mean over the selected instances is :attr:`last_mean_loss` (a float, read
+    from the device when you read it), the number to log. The last
+    :class:`SelectionResult` is ``.last``. A call reads nothing back from the device: the
+    normalization uses the selection's device-side counts (``result.on_device``).
 
     ``score`` (the shape of the per-instance losses) ranks the instances for selection
     instead of the loss (higher = harder; the NaN policy applies to it); the returned
@@ -117,7 +120,7 @@ class OHEMLoss(nn.Module):
         )
         self.sync_mean_loss = sync_mean_loss
         self.last: SelectionResult | None = None
-        self.last_mean_loss: float = math.nan
+        self._last_mean_loss: torch.Tensor | None = None
         # sync_mean_loss decides whether a collective runs: ranks must agree on it.
         self._caller_config = (
             "OHEMLoss",
@@ -147,34 +150,65 @@ class OHEMLoss(nn.Module):
                 if losses is not None
                 else (f"the criterion raised {type(exc).__name__}: {exc}")
             )
-            self.selector.fail(message, input, caller_config=self._caller_config)
+            return self.fail(message, input)
         valid = None
         if self.ignore_index is not None and not target.is_floating_point():
             valid = target != self.ignore_index
         ranked = losses if score is None else score
         result = self.selector(ranked, valid, positive, caller_config=self._caller_config)
+        self._finish(result, losses.detach())
+        return masked_loss(losses, result, self.reduction, self.grad_average, self.selector.group)
+
+    def fail(self, message: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Join this step's selection with an error, for a rank that has no losses.
+
+        With eager checks every rank raises the same error here. With deferred checks
+        (the default on accelerators) this rank selects nothing and gets a zero loss
+        connected to ``like`` (the model's output), so its backward and the gradient
+        all-reduce run as on the other ranks; every rank raises at the next call or at
+        ``selector.check()`` (see :meth:`HardExampleSelector.fail`).
+        """
+        result = self.selector.fail(message, like, caller_config=self._caller_config)
+        if not isinstance(like, torch.Tensor) or not like.is_floating_point():
+            like = torch.zeros(0, device=result.mask.device)
+        self._finish(result, like.detach().new_zeros(result.mask.shape))
+        return torch.where(torch.zeros_like(like, dtype=torch.bool), like, 0.0).sum()
+
+    def _finish(self, result: SelectionResult, losses: torch.Tensor) -> None:
+        """Keep the result and start the global mean loss's all-reduce (not read here)."""
         self.last = result
-        selected_sum = torch.where(result.mask, losses.detach(), 0.0).sum(dtype=torch.float64)
-        self.last_mean_loss = global_mean_loss(
+        selected_sum = torch.where(result.mask, losses, 0.0).sum(dtype=torch.float64)
+        self._last_mean_loss = global_mean_loss(
             selected_sum, result, self.selector.group, self.sync_mean_loss
         )
-        return masked_loss(losses, result, self.reduction, self.grad_average, self.selector.group)
+
+    @property
+    def last_mean_loss(self) -> float:
+        """The mean loss over the M selected instances of all ranks in the last call.
+
+        NaN before the first call and with ``sync_mean_loss=False``; 0.0 when nothing
+        was selected. Reading it waits for the device.
+        """
+        return math.nan if self._last_mean_loss is None else float(self._last_mean_loss)
 
 
 def global_mean_loss(
     selected_sum: torch.Tensor, result: SelectionResult, group: object = None, sync: bool = True
-) -> float:
+) -> torch.Tensor:
     """The mean loss over the M selected instances of all ranks, from this rank's sum.
 
     One all-reduce of the scalar ``selected_sum`` (skipped with one rank). The selection's
     own exchange carries counts and loss keys, not loss sums (and in two-pass mode the
     training losses only exist after it), hence the separate collective; ``sync=False``
-    skips it and returns NaN. 0.0 when nothing is selected, like the loss.
+    skips it and gives NaN. 0.0 when nothing is selected, like the loss.
+
+    Returns:
+        A 0-dim float64 tensor on the device of ``selected_sum``: nothing is read back.
     """
     if not sync:
-        return math.nan
+        return selected_sum.new_full((), math.nan, dtype=torch.float64)
     total = comm.all_reduce_sum(selected_sum.detach().to(torch.float64), group)
-    return float(total) / max(result.num_selected_global, 1)
+    return total / result.on_device.num_selected_global.clamp(min=1)
 
 
 def normalization_scale(
@@ -182,15 +216,18 @@ def normalization_scale(
     reduction: str = "mean",
     grad_average: bool = True,
     group: object = None,
-) -> float:
+) -> torch.Tensor:
     """``c / M`` of docs/DESIGN.md §4 (``c`` = world size when ``grad_average``, else 1).
 
-    ``reduction="sum"`` drops the ``1 / M``; with M = 0 the divisor is 1 (nothing selected).
+    ``reduction="sum"`` drops the ``1 / M``; with M = 0 the divisor is 1 (nothing
+    selected). A 0-dim float64 tensor on the mask's device, from the selection's
+    device-side counts: nothing is read back.
     """
+    selected = result.on_device.num_selected_global
     scale = float(comm.get_world_size(group) if grad_average else 1)
     if reduction == "mean":
-        scale /= max(result.num_selected_global, 1)
-    return scale
+        return scale / selected.clamp(min=1).to(torch.float64)
+    return selected.new_full((), scale, dtype=torch.float64)
 
 
 def masked_loss(
@@ -207,5 +244,10 @@ def masked_loss(
     a product) keeps unselected ``inf``/NaN out of the value.
     """
     zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
-    selected = torch.where(result.mask, losses, zero)
-    return selected.sum() * normalization_scale(result, reduction, grad_average, group)
+    total = torch.where(result.mask, losses, zero).sum()
+    return scaled(total, normalization_scale(result, reduction, grad_average, group))
+
+
+def scaled(total: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``total * scale`` in ``total``'s dtype, the product taken in at least float32."""
+    return (total * scale.to(torch.promote_types(total.dtype, torch.float32))).to(total.dtype)

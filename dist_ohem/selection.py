@@ -47,19 +47,52 @@ def _snap_to_int(x: float) -> int | None:
     return None
 
 
-def exact_ceil(x: float) -> int:
+def _snap_or(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """:func:`_snap_to_int` on a float64 tensor, ``rounded`` where it does not snap: the
+    same IEEE operations, so the same integers as on the host."""
+    nearest = x.round()  # half to even, like Python's round
+    snaps = (x - nearest).abs() <= _EXACT_TOL * x.abs().clamp(min=1.0)
+    return torch.where(snaps, nearest, rounded).to(torch.int64)
+
+
+def exact_ceil(x: float | torch.Tensor) -> int | torch.Tensor:
     """``ceil(x)``, except that a value within 1e-9 (relative) of an integer is that integer.
 
-    ``exact_ceil(0.1 * 30) == 3`` although ``0.1 * 30 == 3.0000000000000004``.
+    ``exact_ceil(0.1 * 30) == 3`` although ``0.1 * 30 == 3.0000000000000004``. A float64
+    tensor gives an int64 tensor of the same values, computed on its device.
     """
+    if isinstance(x, torch.Tensor):
+        return _snap_or(x, x.ceil())
     snapped = _snap_to_int(x)
     return snapped if snapped is not None else math.ceil(x)
 
 
-def exact_floor(x: float) -> int:
+def exact_floor(x: float | torch.Tensor) -> int | torch.Tensor:
     """``floor(x)`` with the same snapping to nearby integers as :func:`exact_ceil`."""
+    if isinstance(x, torch.Tensor):
+        return _snap_or(x, x.floor())
     snapped = _snap_to_int(x)
     return snapped if snapped is not None else math.floor(x)
+
+
+Count = int | torch.Tensor
+
+
+def _scaled(factor: float, count: Count) -> float | torch.Tensor:
+    """``factor * count`` in float64 (a tensor count stays on its device)."""
+    return count.double() * factor if isinstance(count, torch.Tensor) else factor * count
+
+
+def _min(a: Count, b: Count) -> Count:
+    if isinstance(a, torch.Tensor):
+        return torch.minimum(a, b) if isinstance(b, torch.Tensor) else a.clamp(max=b)
+    return b.clamp(max=a) if isinstance(b, torch.Tensor) else min(a, b)
+
+
+def _max(a: Count, b: Count) -> Count:
+    if isinstance(a, torch.Tensor):
+        return torch.maximum(a, b) if isinstance(b, torch.Tensor) else a.clamp(min=b)
+    return b.clamp(min=a) if isinstance(b, torch.Tensor) else max(a, b)
 
 
 def key_dtype_for(loss_dtype: torch.dtype) -> torch.dtype:
@@ -233,22 +266,26 @@ class SelectionRule:
         return candidate & (losses.double() > self.loss_thresh)
 
     def num_candidates_to_select(
-        self, num_valid: int, num_forced: int, num_candidates: int, num_above: int
-    ) -> int:
+        self, num_valid: Count, num_forced: Count, num_candidates: Count, num_above: Count
+    ) -> Count:
         """How many candidates to select, from counts over the instances the rule sees.
 
         ``num_valid`` = K, ``num_forced`` = valid positives P, ``num_candidates`` = the
         other valid instances, ``num_above`` = candidates with loss > ``loss_thresh``.
+        Python ints, or 0-dim int64 tensors: then the result is one too, computed on
+        their device without reading them (the same integers).
         """
         if self.keep is not None:
-            return min(num_valid, max(self.min_kept, exact_ceil(self.keep * num_valid)))
+            return _min(num_valid, _max(self.min_kept, exact_ceil(_scaled(self.keep, num_valid))))
         if self.top_k is not None:
-            return min(num_valid, max(self.min_kept, int(self.top_k)))
+            return _min(num_valid, max(self.min_kept, int(self.top_k)))
         if self.loss_thresh is not None:
-            return max(num_above, min(num_valid, self.min_kept))
-        if num_forced > 0:
-            return min(num_candidates, exact_floor(self.neg_pos_ratio * num_forced))
-        return min(num_candidates, self.min_kept)
+            return _max(num_above, _min(num_valid, self.min_kept))
+        ratio = _min(num_candidates, exact_floor(_scaled(self.neg_pos_ratio, num_forced)))
+        no_positive = _min(num_candidates, self.min_kept)
+        if isinstance(num_forced, torch.Tensor):
+            return torch.where(num_forced > 0, ratio, no_positive)
+        return ratio if num_forced > 0 else no_positive
 
 
 def select_mask(

@@ -1,96 +1,71 @@
 """HardExampleSelector: a rule + scope + strategy, applied across the data-parallel group.
 
-One call does, on every rank:
+A call is a short pipeline, the same on every rank:
 
-1. local checks (shapes, types) and local counts, kept on the device: nothing raises and
-   nothing is read back to the host before step 2;
-2. one all-gather of a per-rank row (sizes, counts, config fingerprint, error and NaN
-   flags): any rank's error is raised identically on all ranks (DESIGN.md §7). The row
-   also carries what the k-selection will need when the previous call predicts it
-   (the keys for ``gather``, a sample for ``bracket``; buffer sizes from the previous
-   call's rows, so all ranks agree on them): then a small batch needs this one
-   collective only;
-3. the number to select, computed from global counts, identical everywhere;
-4. the k-selection itself, by an algorithm of :mod:`dist_ohem.kselect` (gather, radix
-   or bracket). All end in the same mask as :func:`dist_ohem.selection.select_mask` on
-   the concatenated batch. Skipped when the global counts of step 2 already decide the
-   mask: nothing to select, every candidate, or (``loss_thresh``) at least ``min_kept``
-   losses above the threshold.
+1. **prepare**: local checks (shapes, types) and local counts, kept on the device;
+2. **exchange**: one all-gather of a per-rank row (sizes, counts, config fingerprint,
+   error and NaN flags). Any rank's error is raised identically on all ranks
+   (DESIGN.md §7): at once (``check="eager"``), or from a copy read at the next call or
+   at :meth:`HardExampleSelector.check` (``check="deferred"``);
+3. **decide M** from the global counts, identical everywhere;
+4. **select** the global top-M candidates;
+5. **result**: a :class:`SelectionResult` whose counts are read back only when asked.
+
+Two paths run these stages. On an accelerator (and with ``check="deferred"``) every
+stage stays on the device, with static shapes and no host read (:mod:`dist_ohem.on_device`
+and :mod:`dist_ohem.static_select`). On CPU with eager checks the counts are read at step
+2 and the k-selection is one of :mod:`dist_ohem.kselect`'s algorithms (gather, radix,
+bracket), which read what they need; the row then also carries what the k-selection will
+need when the previous call predicts it (the keys for ``gather``, a sample for
+``bracket``), so a small batch needs this one collective only, and stages 3-4 are
+skipped when the global counts already decide the mask.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
 from dist_ohem import comm, kselect
-from dist_ohem.local_batch import NO_KEY, LocalBatch, empty_batch, prepare
-from dist_ohem.selection import SelectionRule, key_to_loss, random_keys, top_m_mask
+from dist_ohem.local_batch import (
+    ABOVE,
+    CALL,
+    CALLS,
+    CANDIDATES,
+    CHECK,
+    CONFIG,
+    FORCED,
+    HEADER,
+    KEY_BITS,
+    KIND,
+    MIN_ABOVE_KEY,
+    NAN,
+    NUMEL,
+    VALID,
+    LocalBatch,
+    empty_batch,
+    prepare,
+    row_columns,
+)
+from dist_ohem.on_device import select_on_device
+from dist_ohem.result import NO_KEY, SelectionResult, host_counts
+from dist_ohem.selection import SelectionRule, random_keys, top_m_mask
 
 __all__ = ["HardExampleSelector", "SelectionResult"]
 
 SCOPES = ("global", "local", "random", "all")
 STRATEGIES = ("gather", "radix", "bracket", "auto")
 NAN_POLICIES = ("raise", "ignore")
+CHECKS = ("auto", "eager", "deferred")
 #: ``strategy="auto"`` uses bracket once the largest rank holds more than this many
 #: instances (valid or not), gather below. From ``bench/selection.py`` (gloo, 2 CPU
 #: cores): bracket overtakes gather between 1e5 and 1e6 instances per rank on W = 2 and 4
 #: (at 1e5 gather is 2.5x faster, at 1e6 bracket is 2x faster), so 2^18.
 AUTO_BRACKET_MIN_KEYS = 1 << 18
-
-# Columns of the per-rank row exchanged on every call.
-(
-    _NUMEL,
-    _VALID,
-    _NAN,
-    _FORCED,
-    _CANDIDATES,
-    _ABOVE,
-    _MIN_ABOVE_KEY,
-    _CONFIG,
-    _KEY_BITS,
-    _CALLS,
-) = range(10)
-_HEADER = 10
-
-
-@dataclass
-class SelectionResult:
-    """Outcome of one selection (DESIGN.md §8).
-
-    Attributes:
-        mask: bool, same shape as the local ``losses``; True = selected, owned here.
-        num_valid_global: K, valid instances over all ranks.
-        num_selected_global: M, selected instances over all ranks (the mean's divisor).
-        num_selected_local: selected instances on this rank (``mask.sum()``).
-        selected_per_rank: selected count of every rank, identical on all ranks.
-        threshold: loss of the least hard selected candidate (the M-th in hardness
-            order; for ``neg_pos_ratio`` the least hard selected negative). For
-            ``scope="local"`` this rank's own; NaN when nothing was chosen by hardness
-            (no candidate selected, or scope ``"random"`` / ``"all"``).
-        strategy: how the selection was reached: ``"gather"``, ``"radix"``,
-            ``"bracket"`` or ``"none"`` (no exchange of losses: scope ``"local"`` /
-            ``"all"``).
-        scope: the selector's scope.
-        num_nan_global: NaN losses over all ranks (invalid under ``nan="ignore"``).
-        num_instances_global: all instances over all ranks, valid or not.
-    """
-
-    mask: torch.Tensor
-    num_valid_global: int
-    num_selected_global: int
-    num_selected_local: int
-    selected_per_rank: tuple[int, ...]
-    threshold: float
-    strategy: str
-    scope: str
-    num_nan_global: int = 0
-    num_instances_global: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,6 +80,14 @@ class _Payload:
     def words(self) -> int:
         """Length in int64 words (capacity is even, so int32 keys fill whole words)."""
         return self.capacity * torch.iinfo(self.key_dtype).bits // 64
+
+
+@dataclass
+class _Deferred:
+    """A call's rows on their way to the host, checked at the next call or ``check()``."""
+
+    rows: comm.LateRead
+    error: str | None
 
 
 class HardExampleSelector:
@@ -123,6 +106,15 @@ class HardExampleSelector:
         group: process group (None = default group; no group = single process).
         nan: ``"raise"`` (every rank raises) or ``"ignore"`` (NaN instances are invalid).
         seed: seed of ``scope="random"``; draws depend on (seed, call number, global index).
+        check: when a bad input on some rank raises (on every rank, the same
+            :class:`comm.DistributedInputError`). ``"eager"``: in the same call, at the
+            cost of one host read per call. ``"deferred"``: the call never waits for the
+            device; it completes on every rank with the bad instances counted as
+            invalid (the bad rank's, the NaN ones; nothing is selected when the ranks'
+            configurations differ), and the error is raised at the next call or at
+            :meth:`check`. ``"auto"`` (default): eager on CPU, deferred on an
+            accelerator. The first call is always eager: it agrees the configuration
+            and the loss dtype.
 
     Exactly one of keep / top_k / loss_thresh / neg_pos_ratio, except with
     ``scope="all"`` where the rule may be omitted. Invalid arguments raise ValueError here;
@@ -144,8 +136,10 @@ class HardExampleSelector:
         group: dist.ProcessGroup | None = None,
         nan: str = "raise",
         seed: int = 0,
+        check: str = "auto",
     ) -> None:
         _check_choice("scope", scope, SCOPES)
+        _check_choice("check", check, CHECKS)
         _check_choice("strategy", strategy, STRATEGIES)
         _check_choice("nan", nan, NAN_POLICIES)
         no_rule = keep is None and top_k is None and loss_thresh is None and neg_pos_ratio is None
@@ -163,12 +157,19 @@ class HardExampleSelector:
         self.group = group
         self.nan = nan
         self.seed = int(seed)
+        self.checking = check
         self.num_calls = 0
+        # Set by the first call: whether the read-free path runs (an accelerator, or
+        # check="deferred"), on which device, and the agreed key dtype.
+        self._on_device: bool | None = None
+        self._device = torch.device("cpu")
+        self._key_dtype = torch.int32
+        self._deferred: _Deferred | None = None
         # What the next call sends with its row, predicted from this call's rows (the
         # same on every rank): its keys (gather) or its sample (bracket).
         self._payload: _Payload | None = None
         # Per call only the caller's settings are added (see _row).
-        self._config_repr = repr((self.rule, scope, strategy, nan, self.seed))
+        self._config_repr = repr((self.rule, scope, strategy, nan, self.seed, check))
         # (repr of the last caller_config, fingerprint of it with the selector's config).
         self._fingerprint: tuple[str | None, int] = (None, 0)
 
@@ -177,7 +178,7 @@ class HardExampleSelector:
         args = ", ".join(f"{k}={v!r}" for k, v in rule.items())
         return (
             f"HardExampleSelector({args}, scope={self.scope!r}, strategy={self.strategy!r}, "
-            f"nan={self.nan!r}, seed={self.seed})"
+            f"nan={self.nan!r}, seed={self.seed}, check={self.checking!r})"
         )
 
     def __call__(
@@ -209,16 +210,34 @@ class HardExampleSelector:
 
     def fail(
         self, message: str, like: torch.Tensor | None = None, *, caller_config: object = None
-    ) -> NoReturn:
-        """Join this step's selection collective with an error, so every rank raises it.
+    ) -> SelectionResult:
+        """Join this step's selection with an error, so every rank raises it.
 
         Call this instead of the selector on a rank that cannot produce losses (its
-        criterion raised, say) while the other ranks call the selector: all ranks then
-        raise the same :class:`comm.DistributedInputError` instead of hanging.
-        ``like`` gives the loss dtype and device (default float32 on CPU).
+        criterion raised, say) while the other ranks call the selector. With eager
+        checks every rank raises the same :class:`comm.DistributedInputError` in this
+        call. With deferred checks this rank selects nothing and gets a result back, so
+        that it can finish the step in step with the others (a zero loss through the
+        model); every rank raises at the next call or :meth:`check`. ``like`` gives the
+        loss dtype and device (default: the first call's device, float32).
         """
-        self._select(like, None, None, message, caller_config)
-        raise AssertionError("unreachable: _select raises when a rank reports an error")
+        return self._select(like, None, None, message, caller_config)
+
+    def check(self) -> None:
+        """Raise, on every rank, any error that deferred checking still holds.
+
+        A point every rank passes through: call it on every rank, e.g. after the last
+        step (a no-op with eager checks). It also catches a rank that made one call
+        fewer than the others, which the rows of the calls cannot show.
+        """
+        self._raise_deferred()
+        if self._on_device and not self._eager():
+            self._select(None, None, None, None, None, kind=CHECK)
+
+    def _eager(self) -> bool:
+        if self.checking == "auto":
+            return self._device.type == "cpu"
+        return self.checking == "eager"
 
     def _select(
         self,
@@ -227,92 +246,182 @@ class HardExampleSelector:
         positive: torch.Tensor | None,
         error: str | None,
         caller_config: object,
+        kind: int = CALL,
     ) -> SelectionResult:
-        self.num_calls += 1
-        batch = None
-        if error is None:
+        self._raise_deferred()
+        if kind == CALL:
+            self.num_calls += 1
+        if self._on_device is None:
+            self._device = getattr(losses, "device", self._device)
+            self._on_device = self._device.type != "cpu" or self.checking == "deferred"
+        batch, error = self._prepare(losses, valid, positive, error, kind)
+        if self._on_device:
+            result = self._select_on_device(batch, error, caller_config, kind)
+        else:
+            result = self._select_on_host(batch, error, caller_config)
+        if isinstance(losses, torch.Tensor):
+            shape = losses.shape
+            result.mask = result.mask.reshape(shape) if error is None else _nothing_like(losses)
+        return result
+
+    def _prepare(
+        self,
+        losses: torch.Tensor | None,
+        valid: torch.Tensor | None,
+        positive: torch.Tensor | None,
+        error: str | None,
+        kind: int,
+    ) -> tuple[LocalBatch, str | None]:
+        """This rank's batch and its error (then an empty batch): stage 1."""
+        if error is None and kind == CALL:
+            # The read-free path treats NaN as invalid and reports it through the rows.
+            nan_policy = "ignore" if self._on_device else self.nan
             try:
-                batch = prepare(losses, valid, positive, self.rule, self.scope, self.nan)
+                batch = prepare(losses, valid, positive, self.rule, self.scope, nan_policy)
+                if self._on_device and self.num_calls > 1:
+                    self._check_key_dtype(batch)
+                return batch, error
             except (TypeError, ValueError) as exc:
                 error = str(exc)
-        if batch is None:
-            batch = empty_batch(losses)
-        payload = self._payload
-        rows, gathered = comm.exchange_rank_rows(
-            self._row(batch, caller_config),
-            error,
-            self.group,
-            device=batch.losses.device,
-            payload=None if payload is None else self._payload_words(batch, payload),
-            listed=_HEADER,
-        )
-        self._check_ranks_agree(rows)
-        self._check_nan(rows, batch)
-        rank = comm.get_rank(self.group)
-        strategy = self._resolve_strategy(rows)
-        self._payload = self._next_payload(strategy, rows)
+        like = losses
+        if self._on_device:  # the agreed key dtype and device, whatever this rank got
+            loss_dtype = torch.float64 if self._key_dtype == torch.int64 else torch.float32
+            like = torch.empty(0, dtype=loss_dtype, device=self._device)
+        return empty_batch(like), error
 
-        if self.scope == "all":
-            mask = _union(batch.forced, batch.candidate_mask())
-            per_rank = [row[_FORCED] + row[_CANDIDATES] for row in rows]
-            threshold, strategy = math.nan, "none"
-        elif self.scope == "local":
-            picked_per_rank = [min(row[_CANDIDATES], self._num_to_select(row)) for row in rows]
-            picked = top_m_mask(batch.keys, batch.candidate_mask(), picked_per_rank[rank])
-            mask = _union(batch.forced, picked)
-            per_rank = _add([row[_FORCED] for row in rows], picked_per_rank)
-            kth_key = int(batch.keys[picked].min()) if picked_per_rank[rank] else None
-            threshold = _key_to_threshold(kth_key, batch.losses.dtype)
-            strategy = "none"
-        else:
-            usable = self._usable_payload(payload, rows)
-            arrived = {}
-            if usable is not None:
-                arrived[usable.kind] = gathered[:, _HEADER:].view(usable.key_dtype)
-            picked, picked_per_rank, kth_key = self._select_global(
-                batch, rows, rank, strategy, arrived
+    def _check_key_dtype(self, batch: LocalBatch) -> None:
+        key_dtype = kselect.key_dtype_of(batch.losses)
+        if key_dtype != self._key_dtype:
+            raise ValueError(
+                f"losses of dtype {batch.losses.dtype} give {key_dtype} keys, but the first "
+                f"call agreed on {self._key_dtype} keys; use one loss dtype on all ranks "
+                "and calls (float64, or anything narrower)"
             )
-            mask = _union(batch.forced, picked)
-            per_rank = _add([row[_FORCED] for row in rows], picked_per_rank)
-            threshold = math.nan
-            if self.scope == "global":
-                threshold = _key_to_threshold(kth_key, batch.losses.dtype)
 
-        return SelectionResult(
-            mask=mask.reshape(losses.shape),
-            num_valid_global=sum(row[_VALID] for row in rows),
-            num_selected_global=sum(per_rank),
-            num_selected_local=per_rank[rank],
-            selected_per_rank=tuple(per_rank),
-            threshold=threshold,
-            strategy=strategy,
-            scope=self.scope,
-            num_nan_global=sum(row[_NAN] for row in rows),
-            num_instances_global=sum(row[_NUMEL] for row in rows),
-        )
-
-    # -- local part -------------------------------------------------------------------
-
-    def _row(self, batch: LocalBatch, caller_config: object) -> list[int | torch.Tensor]:
-        """This rank's header row, in column order (device counts stay 0-dim tensors)."""
+    def _fingerprint_of(self, caller_config: object) -> int:
+        """Hash of the selector's and the caller's configuration (cached per caller)."""
         caller_repr = repr(caller_config)
         if self._fingerprint[0] != caller_repr:  # hashed once per distinct caller config
             fingerprint = f"{self._config_repr}|{caller_repr}".encode()
             digest = hashlib.blake2b(fingerprint, digest_size=7).digest()
             self._fingerprint = (caller_repr, int.from_bytes(digest))
-        columns = {
-            _NUMEL: batch.losses.numel(),
-            _VALID: batch.num_valid,
-            _NAN: batch.num_nan,
-            _FORCED: batch.num_forced,
-            _CANDIDATES: batch.num_candidates,
-            _ABOVE: batch.num_above,
-            _MIN_ABOVE_KEY: batch.min_above_key,
-            _CONFIG: self._fingerprint[1],
-            _KEY_BITS: torch.iinfo(kselect.key_dtype_of(batch.losses)).bits,
-            _CALLS: self.num_calls,
-        }
-        return [columns[column] for column in range(_HEADER)]
+        return self._fingerprint[1]
+
+    # -- the read-free path -------------------------------------------------------------
+
+    def _select_on_device(
+        self, batch: LocalBatch, error: str | None, caller_config: object, kind: int
+    ) -> SelectionResult:
+        """Stages 2-5 on the device: no host read unless the checks are eager."""
+        first_call = kind == CALL and self.num_calls == 1
+        if first_call:
+            self._key_dtype = kselect.key_dtype_of(batch.losses)
+        columns = row_columns(
+            batch,
+            self._fingerprint_of(caller_config),
+            torch.iinfo(self._key_dtype).bits,
+            self.num_calls,
+            kind,
+        )
+        rows = comm.gather_rows(columns, error, self.group, device=batch.losses.device)
+        if first_call:  # agree on the key dtype before collectives that depend on it
+            self._check_rows(rows.tolist(), error)
+        result = select_on_device(
+            batch,
+            rows,
+            rule=self.rule,
+            scope=self.scope,
+            seed=self.seed,
+            call=self.num_calls,
+            group=self.group,
+            rank=comm.get_rank(self.group),
+        )
+        # Checked after the selection's collectives, which every rank runs, so that a
+        # rank still in a call and one in check() part in step.
+        if kind == CHECK or (self._eager() and not first_call):
+            self._check_rows(rows.tolist(), error)
+        elif not first_call:
+            self._deferred = _Deferred(comm.LateRead(rows), error)
+        return result
+
+    def _raise_deferred(self) -> None:
+        """Check the previous call's rows (deferred mode); every rank raises alike."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            self._check_rows(deferred.rows.tolist(), deferred.error)
+
+    def _check_rows(self, rows: list[list[int]], error: str | None) -> None:
+        """Raise on every rank (all read the same rows) if any rank's row says so."""
+        if any(row[0] for row in rows):
+            comm.raise_together(error, self.group)
+        header = [row[1:] for row in rows]
+        self._check_ranks_agree(header)
+        own = header[comm.get_rank(self.group)]
+        self._check_nan(header, lambda: own[NAN])
+
+    # -- the host path ------------------------------------------------------------------
+
+    def _select_on_host(
+        self, batch: LocalBatch, error: str | None, caller_config: object
+    ) -> SelectionResult:
+        """Stages 2-5 with the counts read at the exchange (CPU, eager checks)."""
+        payload = self._payload
+        columns = row_columns(
+            batch,
+            self._fingerprint_of(caller_config),
+            torch.iinfo(kselect.key_dtype_of(batch.losses)).bits,
+            self.num_calls,
+        )
+        rows, gathered = comm.exchange_rank_rows(
+            columns,
+            error,
+            self.group,
+            device=batch.losses.device,
+            payload=None if payload is None else self._payload_words(batch, payload),
+            listed=HEADER,
+        )
+        self._check_ranks_agree(rows)
+        self._check_nan(rows, lambda: _count_nan(batch))
+        rank = comm.get_rank(self.group)
+        strategy = self._resolve_strategy(rows)
+        self._payload = self._next_payload(strategy, rows)
+
+        kth_key = None
+        if self.scope == "all":
+            mask = _union(batch.forced, batch.candidate_mask())
+            per_rank = [row[FORCED] + row[CANDIDATES] for row in rows]
+            strategy = "none"
+        elif self.scope == "local":
+            picked_per_rank = [min(row[CANDIDATES], self._num_to_select(row)) for row in rows]
+            picked = top_m_mask(batch.keys, batch.candidate_mask(), picked_per_rank[rank])
+            mask = _union(batch.forced, picked)
+            per_rank = _add([row[FORCED] for row in rows], picked_per_rank)
+            kth_key = int(batch.keys[picked].min()) if picked_per_rank[rank] else None
+            strategy = "none"
+        else:
+            usable = self._usable_payload(payload, rows)
+            arrived = {}
+            if usable is not None:
+                arrived[usable.kind] = gathered[:, HEADER:].view(usable.key_dtype)
+            picked, picked_per_rank, kth_key = self._select_global(
+                batch, rows, rank, strategy, arrived
+            )
+            mask = _union(batch.forced, picked)
+            per_rank = _add([row[FORCED] for row in rows], picked_per_rank)
+            if self.scope != "global":
+                kth_key = None
+
+        counts = host_counts(
+            sum(row[VALID] for row in rows),
+            per_rank[rank],
+            sum(row[NAN] for row in rows),
+            sum(row[NUMEL] for row in rows),
+            kth_key,
+            per_rank,
+        )
+        return SelectionResult(
+            mask, counts, strategy=strategy, scope=self.scope, loss_dtype=batch.losses.dtype
+        )
 
     def _payload_words(self, batch: LocalBatch, payload: _Payload) -> torch.Tensor:
         """``payload.words`` int64 words: this rank's keys or sample, zeros when unusable."""
@@ -329,13 +438,19 @@ class HardExampleSelector:
         """Raise (identically on every rank: all see the same rows) if the ranks disagree."""
         for column, what, fix in (
             (
-                _CONFIG,
+                KIND,
+                "kind of call (a selector call vs. check())",
+                "a rank made one selector call fewer than the others: call the selector "
+                "once per step on every rank",
+            ),
+            (
+                CONFIG,
                 "selector configuration",
                 "build the selector (and ohem_step's balance and score_mode, or OHEMLoss's "
                 "reduction and ignore_index) from the same config on every rank",
             ),
-            (_KEY_BITS, "loss dtype (float64 vs. narrower)", "use one loss dtype on all ranks"),
-            (_CALLS, "number of selector calls", "call the selector once per step on every rank"),
+            (KEY_BITS, "loss dtype (float64 vs. narrower)", "use one loss dtype on all ranks"),
+            (CALLS, "number of selector calls", "call the selector once per step on every rank"),
         ):
             differing = [r for r, row in enumerate(rows) if row[column] != rows[0][column]]
             if differing:
@@ -343,16 +458,15 @@ class HardExampleSelector:
                     f"{what} differs between rank 0 and rank(s) {differing}; {fix}"
                 )
 
-    def _check_nan(self, rows: list[list[int]], batch: LocalBatch) -> None:
+    def _check_nan(self, rows: list[list[int]], count_own: Callable[[], int]) -> None:
         """Under ``nan="raise"``, every rank raises when any rank flagged a NaN loss."""
-        if self.nan != "raise" or not any(row[_NAN] for row in rows):
+        if self.nan != "raise" or not any(row[NAN] for row in rows):
             return
+        own = rows[comm.get_rank(self.group)]
         error = None
-        if rows[comm.get_rank(self.group)][_NAN]:
-            nan = torch.isnan(batch.losses)
-            num_nan = int((nan if batch.valid is None else nan & batch.valid).sum())
+        if own[NAN]:
             error = (
-                f"{num_nan} NaN loss(es) among {batch.losses.numel()} instances; fix the "
+                f"{count_own()} NaN loss(es) among {own[NUMEL]} instances; fix the "
                 "loss or pass nan='ignore' to treat NaN instances as invalid"
             )
         comm.raise_together(error, self.group)
@@ -360,7 +474,7 @@ class HardExampleSelector:
     def _num_to_select(self, row: list[int]) -> int:
         """Candidates to select given the counts of one row (or of the summed rows)."""
         return self.rule.num_candidates_to_select(
-            row[_VALID], row[_FORCED], row[_CANDIDATES], row[_ABOVE]
+            row[VALID], row[FORCED], row[CANDIDATES], row[ABOVE]
         )
 
     # -- payload ------------------------------------------------------------------------
@@ -368,25 +482,25 @@ class HardExampleSelector:
     def _resolve_strategy(self, rows: list[list[int]]) -> str:
         if self.strategy != "auto":
             return self.strategy
-        largest = max(row[_NUMEL] for row in rows)
+        largest = max(row[NUMEL] for row in rows)
         return "bracket" if largest > AUTO_BRACKET_MIN_KEYS else "gather"
 
     def _next_payload(self, strategy: str, rows: list[list[int]]) -> _Payload | None:
         """What the next call sends with its row, assuming it resembles this one."""
         if self.scope != "global":  # random keys depend on offsets known after the row
             return None
-        key_dtype = torch.int64 if rows[0][_KEY_BITS] == 64 else torch.int32
+        key_dtype = torch.int64 if rows[0][KEY_BITS] == 64 else torch.int32
         if strategy == "gather":
-            return _Payload("keys", _round_up_capacity(max(row[_NUMEL] for row in rows)), key_dtype)
+            return _Payload("keys", _round_up_capacity(max(row[NUMEL] for row in rows)), key_dtype)
         if strategy == "bracket":
             return _Payload("sample", kselect.SAMPLE_SIZE, key_dtype)
         return None
 
     def _usable_payload(self, payload: _Payload | None, rows: list[list[int]]) -> _Payload | None:
         """``payload`` if every rank could fill it (identical on all ranks), else None."""
-        if payload is None or torch.iinfo(payload.key_dtype).bits != rows[0][_KEY_BITS]:
+        if payload is None or torch.iinfo(payload.key_dtype).bits != rows[0][KEY_BITS]:
             return None
-        if payload.kind == "keys" and max(row[_NUMEL] for row in rows) > payload.capacity:
+        if payload.kind == "keys" and max(row[NUMEL] for row in rows) > payload.capacity:
             return None
         return payload
 
@@ -412,17 +526,17 @@ class HardExampleSelector:
         """
         totals = [sum(column) for column in zip(*rows, strict=True)]
         num_to_select = self._num_to_select(totals)
-        numel_per_rank = [row[_NUMEL] for row in rows]
+        numel_per_rank = [row[NUMEL] for row in rows]
         if num_to_select == 0:
             return torch.zeros_like(batch.losses, dtype=torch.bool), [0] * len(rows), None
-        if num_to_select >= totals[_CANDIDATES]:
+        if num_to_select >= totals[CANDIDATES]:
             kth_key = self._global_min_key(batch) if self.scope == "global" else None
-            return batch.candidate_mask().clone(), [row[_CANDIDATES] for row in rows], kth_key
-        if self.scope == "global" and num_to_select == totals[_ABOVE]:
+            return batch.candidate_mask().clone(), [row[CANDIDATES] for row in rows], kth_key
+        if self.scope == "global" and num_to_select == totals[ABOVE]:
             # Threshold rule with at least min_kept losses above t: the top m are exactly
             # those (none of them ties with a loss <= t), so no k-selection is needed.
-            min_key = min(row[_MIN_ABOVE_KEY] for row in rows)
-            return batch.above.clone(), [row[_ABOVE] for row in rows], min_key
+            min_key = min(row[MIN_ABOVE_KEY] for row in rows)
+            return batch.above.clone(), [row[ABOVE] for row in rows], min_key
 
         if self.scope == "random":
             offset = sum(numel_per_rank[:rank])
@@ -439,7 +553,7 @@ class HardExampleSelector:
                 num_to_select,
                 rank,
                 numel_per_rank,
-                totals[_CANDIDATES],
+                totals[CANDIDATES],
                 self.group,
                 samples=arrived.get("sample"),
             )
@@ -476,8 +590,14 @@ class HardExampleSelector:
         return min(row[0] for row in rows)
 
 
-def _key_to_threshold(kth_key: int | None, loss_dtype: torch.dtype) -> float:
-    return math.nan if kth_key is None else key_to_loss(kth_key, loss_dtype)
+def _count_nan(batch: LocalBatch) -> int:
+    nan = torch.isnan(batch.losses)
+    return int((nan if batch.valid is None else nan & batch.valid).sum())
+
+
+def _nothing_like(losses: torch.Tensor) -> torch.Tensor:
+    """The mask of a rank whose input was rejected: nothing selected."""
+    return torch.zeros(losses.shape, dtype=torch.bool, device=losses.device)
 
 
 def _round_up_capacity(numel: int) -> int:

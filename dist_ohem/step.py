@@ -58,7 +58,7 @@ from dist_ohem.batches import (
     move_to_shares,
     select_rows,
 )
-from dist_ohem.loss import global_mean_loss, normalization_scale, per_instance_criterion
+from dist_ohem.loss import global_mean_loss, normalization_scale, per_instance_criterion, scaled
 from dist_ohem.scoring import (
     ExampleLosses,
     ScoreFn,
@@ -85,9 +85,10 @@ class StepOutput:
         num_trained_local: examples this rank trained on (after balancing).
         scores: ``(N,)`` what the selection ranked (detached): ``score_fn``'s scores, or
             the per-example losses of the scoring pass without it.
-        mean_loss: the global mean of the selected examples' training losses (the
-            training pass's values, over all ranks): the number for a progress bar.
-            0.0 when nothing is selected; NaN with ``sync_mean_loss=False``.
+        mean_loss_on_device: the global mean of the selected examples' training losses
+            (the training pass's values, over all ranks), a 0-dim float64 tensor: the
+            number for a progress bar, as a float in :attr:`mean_loss`. 0.0 when nothing
+            is selected; NaN with ``sync_mean_loss=False``.
         example_losses: ``(N,)`` per-example losses of the local batch from the scoring
             pass (detached), e.g. for logging the mean over all K valid examples.
         valid: ``(N,)`` bool, the examples that counted (``valid=`` and at least one
@@ -103,11 +104,16 @@ class StepOutput:
     selection: SelectionResult
     num_trained_local: int
     scores: torch.Tensor
-    mean_loss: float
+    mean_loss_on_device: torch.Tensor
     example_losses: torch.Tensor
     valid: torch.Tensor
     num_chunks: int = 1
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean_loss(self) -> float:
+        """:attr:`mean_loss_on_device` as a float (reading it waits for the device)."""
+        return float(self.mean_loss_on_device)
 
 
 def ohem_step(
@@ -292,7 +298,7 @@ def ohem_step(
                     call_model(model, select_rows(train_inputs, rows)),
                     select_rows(train_targets, rows),
                 )
-                loss = losses.sum() * scale
+                loss = scaled(losses.sum(), scale)
                 selected_sum += losses.detach().sum(dtype=torch.float64)
             else:
                 loss = _zero_weight_loss(
@@ -307,7 +313,7 @@ def ohem_step(
         selection=selection,
         num_trained_local=num_trained,
         scores=scores,
-        mean_loss=mean_loss,
+        mean_loss_on_device=mean_loss,
         example_losses=example_losses,
         valid=example_valid,
         num_chunks=num_chunks,

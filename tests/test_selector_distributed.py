@@ -41,7 +41,11 @@ def make_cases(world_size: int, scope: str, strategy: str) -> list[Case]:
             sizes[-1] = 0  # a rank that holds nothing
         dtype = torch.float64 if i % 4 == 1 else torch.float32
         nan_fraction = 0.1 if i % 5 == 2 else 0.0
-        kwargs = dict(rule, scope=scope, strategy=strategy, seed=i)
+        # "static": the read-free path of accelerators, taken on CPU by check="deferred".
+        if strategy == "static":
+            kwargs = dict(rule, scope=scope, check="deferred", seed=i)
+        else:
+            kwargs = dict(rule, scope=scope, strategy=strategy, seed=i)
         if nan_fraction:
             kwargs["nan"] = "ignore"
         cases.append(
@@ -83,6 +87,10 @@ def select_on_rank(cases: list[Case]) -> list[tuple]:
         ("random", "radix"),
         ("random", "bracket"),
         ("all", "gather"),
+        ("global", "static"),
+        ("local", "static"),
+        ("random", "static"),
+        ("all", "static"),
     ],
 )
 def test_distributed_mask_equals_single_process(ranks, world_size, scope, strategy):

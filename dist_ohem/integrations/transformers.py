@@ -200,7 +200,10 @@ class TrainerOHEMLoss:
             logits, targets = self._predictions(outputs, labels)
         except (TypeError, ValueError) as exc:
             # Every rank raises this, instead of the others waiting in the selection.
-            self.criterion.selector.fail(str(exc))
+            like = outputs if isinstance(outputs, torch.Tensor) else None
+            if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
+                like = outputs["logits"]
+            return self.criterion.fail(str(exc), like) / divisor
         return self.criterion(logits, targets) / divisor
 
     def _micro_batches(self) -> int:

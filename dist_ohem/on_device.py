@@ -1,0 +1,114 @@
+"""The selector's read-free stages (docs/DESIGN.md §13): from gathered rows to a result.
+
+Everything data-dependent stays a device tensor: the global counts are sums of the
+gathered rows, M is computed from them by the rule on the device, the k-selection is
+:func:`dist_ohem.static_select.static_select`, and the result's counts are packed into
+one vector that :class:`dist_ohem.result.SelectionResult` reads back only when asked.
+The collectives depend only on the world size and on the key dtype agreed by earlier
+calls, never on the data, so a call whose input is bad on some rank still runs them all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dist_ohem.local_batch import (
+    ABOVE,
+    CALLS,
+    CANDIDATES,
+    CONFIG,
+    FORCED,
+    KEY_BITS,
+    KIND,
+    NAN,
+    NUMEL,
+    VALID,
+    LocalBatch,
+)
+from dist_ohem.result import NO_KEY, SelectionResult, pack_counts
+from dist_ohem.selection import SelectionRule, random_keys
+from dist_ohem.static_select import static_select
+
+__all__ = ["select_on_device"]
+
+#: Columns on which every rank's row must equal rank 0's.
+_AGREED = [CONFIG, KEY_BITS, CALLS, KIND]
+
+
+def select_on_device(
+    batch: LocalBatch,
+    rows: torch.Tensor,
+    *,
+    rule: SelectionRule,
+    scope: str,
+    seed: int,
+    call: int,
+    group: dist.ProcessGroup | None,
+    rank: int,
+) -> SelectionResult:
+    """Select from this rank's batch and the gathered rows, without a host read.
+
+    Args:
+        batch: this rank's prepared batch; NaN losses are not candidates.
+        rows: ``(W, 1 + HEADER)`` int64 rows of every rank (error flag first).
+        call: the call number (``scope="random"`` draws from it).
+
+    A rank that reported an error counts no instance, and when the ranks disagree on
+    the configuration, the key dtype, the call count or the kind of call, nothing is
+    selected anywhere: the call completes the same collectives on every rank and the
+    error is raised afterwards from the rows.
+    """
+    world_size = rows.shape[0]
+    counts = rows[:, 1:]
+    agree = (counts[:, _AGREED] == counts[:1, _AGREED]).all()
+    device = batch.losses.device
+    forced = counts[:, FORCED]
+    if scope == "all":
+        per_rank = forced + counts[:, CANDIDATES]
+        mask = _union(batch.forced, batch.candidate_mask())
+        kth_key = None
+    else:
+        local = scope == "local"
+        totals = counts if local else counts.sum(0, keepdim=True)
+        to_select = (
+            rule.num_candidates_to_select(
+                totals[:, VALID], totals[:, FORCED], totals[:, CANDIDATES], totals[:, ABOVE]
+            )
+            .minimum(totals[:, CANDIDATES])
+            .where(agree, 0)
+        )
+        keys = batch.keys if scope != "random" else _random_keys(batch, seed, call, counts, rank)
+        chosen = static_select(
+            keys,
+            batch.candidate,
+            to_select[rank if local else 0],
+            None if local else group,
+            1 if local else world_size,
+            0 if local else rank,
+        )
+        per_rank = forced + (to_select if local else chosen.per_rank)
+        mask = _union(batch.forced, chosen.picked)
+        picked_any = to_select[rank if local else 0] > 0
+        kth_key = chosen.kth_key.where(picked_any, NO_KEY) if scope != "random" else None
+    totals = counts.sum(0)
+    packed = pack_counts(
+        totals[VALID], per_rank[rank], totals[NAN], totals[NUMEL], kth_key, per_rank, device
+    )
+    strategy = "none" if scope in ("all", "local") else "static"
+    return SelectionResult(
+        mask, packed, strategy=strategy, scope=scope, loss_dtype=batch.losses.dtype
+    )
+
+
+def _random_keys(
+    batch: LocalBatch, seed: int, call: int, counts: torch.Tensor, rank: int
+) -> torch.Tensor:
+    """``scope="random"``'s keys: a function of the global index of each instance."""
+    offset = counts[:rank, NUMEL].sum()
+    index = torch.arange(batch.losses.numel(), device=batch.losses.device) + offset
+    return random_keys(index, seed, call)
+
+
+def _union(forced: torch.Tensor | None, picked: torch.Tensor) -> torch.Tensor:
+    return picked if forced is None else forced | picked

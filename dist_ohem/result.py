@@ -1,0 +1,178 @@
+"""SelectionResult: the outcome of one selection, its counts read back lazily (DESIGN §8, §13)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dist_ohem.selection import key_to_loss
+
+__all__ = ["NO_KEY", "DeviceCounts", "SelectionResult", "host_counts", "pack_counts"]
+
+NO_KEY = 2**63 - 1  # the threshold key of "nothing chosen by hardness"
+
+# Positions in the packed counts vector; the selected count of every rank follows.
+_VALID, _SELECTED, _LOCAL, _NAN, _INSTANCES, _KTH_KEY, _PER_RANK = range(7)
+
+
+@dataclass(frozen=True)
+class DeviceCounts:
+    """The counts of a :class:`SelectionResult` as tensors on the mask's device.
+
+    For code that must not wait for the device (a loss's normalization, say): reading
+    these never copies to the host. 0-dim int64 tensors, ``selected_per_rank`` ``(W,)``.
+    """
+
+    num_valid_global: torch.Tensor
+    num_selected_global: torch.Tensor
+    num_selected_local: torch.Tensor
+    selected_per_rank: torch.Tensor
+    num_nan_global: torch.Tensor
+    num_instances_global: torch.Tensor
+
+
+def pack_counts(
+    num_valid: torch.Tensor | int,
+    num_selected_local: torch.Tensor | int,
+    num_nan: torch.Tensor | int,
+    num_instances: torch.Tensor | int,
+    kth_key: torch.Tensor | int | None,
+    selected_per_rank: torch.Tensor | list[int],
+    device: torch.device,
+) -> torch.Tensor:
+    """The int64 vector a :class:`SelectionResult` reads from, built on ``device``.
+
+    Tensors stay where they are; Python ints are filled in on the device (a copy from
+    pageable host memory would wait for the device).
+    """
+    if not isinstance(selected_per_rank, torch.Tensor):
+        selected_per_rank = torch.tensor(selected_per_rank, dtype=torch.int64)
+    per_rank = selected_per_rank.to(device=device, dtype=torch.int64)
+    head = [
+        num_valid,
+        per_rank.sum(),
+        num_selected_local,
+        num_nan,
+        num_instances,
+        NO_KEY if kth_key is None else kth_key,
+    ]
+    head = [
+        value.to(torch.int64)
+        if isinstance(value, torch.Tensor)
+        else torch.full((), value, dtype=torch.int64, device=device)
+        for value in head
+    ]
+    return torch.cat([torch.stack(head), per_rank])
+
+
+def host_counts(
+    num_valid: int,
+    num_selected_local: int,
+    num_nan: int,
+    num_instances: int,
+    kth_key: int | None,
+    selected_per_rank: list[int],
+) -> list[int]:
+    """:func:`pack_counts` as a Python list, for counts already on the host."""
+    head = [num_valid, sum(selected_per_rank), num_selected_local, num_nan, num_instances]
+    return [*head, NO_KEY if kth_key is None else kth_key, *selected_per_rank]
+
+
+class SelectionResult:
+    """Outcome of one selection (DESIGN.md §8).
+
+    ``mask`` is a tensor on the losses' device. The count fields are Python numbers,
+    read from the device in one copy the first time any of them is read, then cached: a
+    call that never reads them never waits for the device. :attr:`on_device` has the
+    same counts as device tensors.
+
+    Attributes:
+        mask: bool, same shape as the local ``losses``; True = selected, owned here.
+        num_valid_global: K, valid instances over all ranks.
+        num_selected_global: M, selected instances over all ranks (the mean's divisor).
+        num_selected_local: selected instances on this rank (``mask.sum()``).
+        selected_per_rank: selected count of every rank, identical on all ranks.
+        threshold: loss of the least hard selected candidate (the M-th in hardness
+            order; for ``neg_pos_ratio`` the least hard selected negative). For
+            ``scope="local"`` this rank's own; NaN when nothing was chosen by hardness
+            (no candidate selected, or scope ``"random"`` / ``"all"``).
+        strategy: how the selection was reached: ``"gather"``, ``"radix"``,
+            ``"bracket"`` (the host algorithms), ``"static"`` (the read-free algorithm of
+            :mod:`dist_ohem.static_select`, taken on accelerators and by
+            ``check="deferred"``) or ``"none"`` (no exchange of losses: scope
+            ``"local"`` / ``"all"``).
+        scope: the selector's scope.
+        num_nan_global: NaN losses over all ranks (invalid under ``nan="ignore"``).
+        num_instances_global: all instances over all ranks, valid or not.
+    """
+
+    def __init__(
+        self,
+        mask: torch.Tensor,
+        counts: torch.Tensor | list[int],
+        *,
+        strategy: str,
+        scope: str,
+        loss_dtype: torch.dtype,
+    ) -> None:
+        """``counts`` from :func:`pack_counts` (a tensor) or :func:`host_counts` (a list)."""
+        self.mask = mask
+        self.strategy = strategy
+        self.scope = scope
+        on_host = isinstance(counts, list)
+        self._counts = None if on_host else counts
+        self._host = counts if on_host else None
+        self._loss_dtype = loss_dtype
+
+    def __repr__(self) -> str:
+        counts = "not read yet" if self._host is None else f"M={self.num_selected_global}"
+        return (
+            f"SelectionResult(strategy={self.strategy!r}, scope={self.scope!r}, "
+            f"local={tuple(self.mask.shape)}, {counts})"
+        )
+
+    @property
+    def on_device(self) -> DeviceCounts:
+        """The counts as tensors on the mask's device (no host read)."""
+        if self._counts is None:
+            self._counts = torch.tensor(self._host, dtype=torch.int64, device=self.mask.device)
+        c = self._counts
+        return DeviceCounts(
+            c[_VALID], c[_SELECTED], c[_LOCAL], c[_PER_RANK:], c[_NAN], c[_INSTANCES]
+        )
+
+    def _read(self) -> list[int]:
+        if self._host is None:  # one device-to-host copy for every count
+            self._host = self._counts.tolist()
+        return self._host
+
+    @property
+    def num_valid_global(self) -> int:
+        return self._read()[_VALID]
+
+    @property
+    def num_selected_global(self) -> int:
+        return self._read()[_SELECTED]
+
+    @property
+    def num_selected_local(self) -> int:
+        return self._read()[_LOCAL]
+
+    @property
+    def selected_per_rank(self) -> tuple[int, ...]:
+        return tuple(self._read()[_PER_RANK:])
+
+    @property
+    def num_nan_global(self) -> int:
+        return self._read()[_NAN]
+
+    @property
+    def num_instances_global(self) -> int:
+        return self._read()[_INSTANCES]
+
+    @property
+    def threshold(self) -> float:
+        key = self._read()[_KTH_KEY]
+        return math.nan if key == NO_KEY else key_to_loss(key, self._loss_dtype)
