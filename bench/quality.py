@@ -665,9 +665,15 @@ def run_budget(args: argparse.Namespace) -> None:
     loads = []
     with store.open("a") as out:
         # Task by task, seed by seed: a partial grid holds whole seeds of the first task.
-        order = [(c, s) for t in args.tasks for s in seeds for c in cells if c.task == t]
+        order = [
+            (c, s)
+            for t in args.tasks
+            for s in seeds
+            for c in cells
+            if c.task == t and c.shard in args.shards
+        ]
         for cell, seed in order:
-            for variant in VARIANTS:
+            for variant in args.variants:
                 key = run_key(cell, variant, seed)
                 if key in done or args.report_only:
                     continue
@@ -699,7 +705,8 @@ def run_budget(args: argparse.Namespace) -> None:
     validation = validate(args) if args.validate else None
     if validation is None and (args.output_dir / "budget.json").exists():
         validation = json.loads((args.output_dir / "budget.json").read_text()).get("validation")
-    runs = [r for r in done.values() if r["seed"] in seeds and BudgetCell(**r["cell"]) in cells]
+    in_grid = [r for r in done.values() if BudgetCell(**r["cell"]) in cells]
+    runs = [r for r in in_grid if r["seed"] in seeds]
     meta = {
         **run_meta(started, load_start, ("dist_ohem", "launch", "bench")),
         "machine": args.machine,
@@ -713,8 +720,11 @@ def run_budget(args: argparse.Namespace) -> None:
         "seeds": seeds,
         "cells": [asdict(c) for c in cells],
         "rows": budget_rows(cells, runs),
+        # Cells where more seeds of global and local were trained (``--seeds`` larger with
+        # ``--variants local global``): global - local paired over all of them.
+        "more_seeds": more_seeds_rows(cells, in_grid, len(seeds)),
         "validation": validation,
-        "runs": sorted(runs, key=lambda r: r["key"]),
+        "runs": sorted(in_grid, key=lambda r: r["key"]),
     }
     write_report(report, render_budget(report), args.output_dir, "budget")
     plot_budget(report, args.output_dir / "budget.png")
@@ -788,6 +798,36 @@ def budget_rows(cells: list[BudgetCell], runs: list[dict[str, Any]]) -> list[dic
                 },
                 "global_minus_local": diff,
             }
+        )
+    return rows
+
+
+def more_seeds_rows(
+    cells: list[BudgetCell], runs: list[dict[str, Any]], base_seeds: int
+) -> list[dict[str, Any]]:
+    """Per cell with more than ``base_seeds`` seeds of both global and local: global -
+    local paired over every such seed, on each metric."""
+    rows = []
+    for cell in cells:
+        by = {
+            v: {r["seed"]: r for r in runs if BudgetCell(**r["cell"]) == cell and r["variant"] == v}
+            for v in ("global", "local")
+        }
+        paired = sorted(set(by["global"]) & set(by["local"]))
+        if len(paired) <= base_seeds:
+            continue
+        diff = {}
+        for metric in METRICS[cell.task]:
+            d = [by["global"][s]["final"][metric] - by["local"][s]["final"][metric] for s in paired]
+            diff[metric] = {
+                **mean_std(d),
+                "ahead": sum(x > 0 for x in d),
+                "behind": sum(x < 0 for x in d),
+                "sem": statistics.stdev(d) / math.sqrt(len(d)),
+                "values": d,
+            }
+        rows.append(
+            {"cell": cell.name, **asdict(cell), "seeds": paired, "global_minus_local": diff}
         )
     return rows
 
@@ -902,6 +942,30 @@ def render_budget(report: dict[str, Any]) -> str:
                         *(fmt(r["variants"][v]["hard_kept"], ".2f") for v in VARIANTS),
                     ]
                     for r in rows
+                ],
+            ),
+            "",
+        ]
+    if report.get("more_seeds"):
+        parts += [
+            "## More seeds: global - local, paired over every seed trained",
+            "",
+            "Mean ± std over seeds, the standard error of that mean, and (seeds where global "
+            "was ahead / seeds); ties (the same final metric) count for neither side.",
+            "",
+            markdown_table(
+                ["cell", "seeds", "metric", "global - local", "standard error", "behind"],
+                [
+                    [
+                        r["cell"],
+                        str(len(r["seeds"])),
+                        LABELS[m],
+                        _signed(r["global_minus_local"][m]),
+                        f"{r['global_minus_local'][m]['sem']:.3f}",
+                        str(r["global_minus_local"][m]["behind"]),
+                    ]
+                    for r in report["more_seeds"]
+                    for m in METRICS[r["task"]]
                 ],
             ),
             "",
@@ -1034,6 +1098,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tasks", nargs="+", default=list(METRICS), choices=list(METRICS))
     parser.add_argument("--steps", type=int, default=BUDGET_STEPS, help="--budget: steps a run")
+    parser.add_argument(
+        "--shards", nargs="+", default=list(BUDGET_SHARDS), help="--budget: train only these"
+    )
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), help="--budget: train only these"
+    )
     parser.add_argument(
         "--validate", action="store_true", help="--budget: also check a few cells under torchrun"
     )

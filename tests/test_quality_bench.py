@@ -137,3 +137,18 @@ def test_budget_grid_is_resumable_and_reports(tmp_path: Path, monkeypatch) -> No
     markdown = (tmp_path / "out" / "budget.md").read_text()
     assert "global - local" in markdown and "## digits: tail acc" in markdown
     assert (tmp_path / "out" / "budget.png").stat().st_size > 10_000
+
+
+def test_budget_more_seeds_of_one_shard_are_reported_apart(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(quality, "BUDGET_RANKS", ((2, 4),))
+    out = ["--output-dir", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")]
+    argv = ["--budget", "--tasks", "digits", "--steps", "2", *out]
+    quality.main([*argv, "--seeds", "1"])
+    quality.main([*argv, "--seeds", "3", "--shards", "iid", "--variants", "local", "global"])
+    quality.main([*argv, "--seeds", "1", "--report-only"])
+    report = json.loads((tmp_path / "out" / "budget.json").read_text())
+    assert [r["shard"] for r in report["rows"]] == ["iid", "skewed", "sources"]
+    assert all(r["global_minus_local"]["tail_acc"]["n"] == 1 for r in report["rows"])
+    (extra,) = report["more_seeds"]
+    assert extra["shard"] == "iid" and extra["seeds"] == [0, 1, 2]
+    assert "## More seeds" in (tmp_path / "out" / "budget.md").read_text()
