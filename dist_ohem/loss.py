@@ -150,7 +150,7 @@ class OHEMLoss(nn.Module):
                 if losses is not None
                 else (f"the criterion raised {type(exc).__name__}: {exc}")
             )
-            return self.fail(message, input)
+            return self.fail(message, input if losses is None else losses)
         valid = None
         if self.ignore_index is not None and not target.is_floating_point():
             valid = target != self.ignore_index

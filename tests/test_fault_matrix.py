@@ -405,3 +405,119 @@ def test_edge_batch(ranks, world_size: int, edge: str, mode: str, strategy: str)
         assert expected.num_selected == 1
     else:
         assert 0 < expected.num_selected < expected.num_valid
+
+
+# -- 4. deferred checks: the bad call completes, the next call raises ------------------------
+
+DEFERRED_FAULTS = {
+    "nan": "NaN loss(es)",
+    "wrong_shape": "score has shape",
+    "config_differs": "selector configuration differs between rank 0",
+}
+
+
+def deferred_fault_on_rank(fault: str, sizes: tuple[int, ...]) -> tuple[Outcome, Outcome]:
+    """Worker: a clean first call, the fault in the second call (deferred checks), then a
+    third call and ``check()``. Returns the second call's outcome and the raise after it."""
+    rank = get_rank()
+    inputs, labels = (rank_slice(t, list(sizes), rank) for t in global_batch(deferred(sizes)))
+    model = make_mlp()
+    ddp = DDP(model)
+    ohem = OHEMLoss(coded_criterion, ignore_index=IGNORE, keep=0.5, check="deferred")
+    ohem(ddp(inputs), labels).backward()  # the first call: eager, agrees the config
+    model.zero_grad()
+    odd = rank == ODD_RANK
+    bad_labels, score = labels.clone(), None
+    if odd and fault == "nan":
+        bad_labels[list(FAULTY_EXAMPLES)] += NUM_CLASSES * NAN
+    elif odd and fault == "wrong_shape":
+        score = torch.zeros(len(labels) + 1)
+    elif odd and fault == "config_differs":
+        ohem._caller_config = (*ohem._caller_config, "changed")
+    ohem(ddp(inputs), bad_labels, score=score).backward()
+    selected = ohem.last
+    bad_call = Outcome(
+        grads=[p.grad.clone() if p.grad is not None else None for p in model.parameters()],
+        mask=selected.mask.clone(),
+        num_selected=selected.num_selected_global,
+    )
+    try:
+        ohem(model(inputs), labels)
+        ohem.selector.check()
+    except DistributedInputError as exc:
+        return bad_call, Outcome(error=str(exc))
+    return bad_call, Outcome()
+
+
+def deferred(sizes: tuple[int, ...]) -> Scenario:
+    return Scenario("mask", sizes, {"keep": 0.5})
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("fault", DEFERRED_FAULTS)
+def test_deferred_fault_raises_on_every_rank_by_the_next_call(ranks, fault: str, world_size):
+    """The bad call runs everywhere and trains on the rest: its gradients equal the
+    reference without the bad instances (the NaN ones, the bad rank's, or none at all
+    when the configurations differ); every rank raises the same error afterwards."""
+    sizes = SIZES[world_size]
+    outcomes = ranks.run(world_size, deferred_fault_on_rank, fault, sizes, timeout=TIMEOUT_S)
+    assert_same_error_everywhere([after for _, after in outcomes], DEFERRED_FAULTS[fault])
+    inputs, labels = global_batch(deferred(sizes))
+    model = make_mlp()
+    with torch.no_grad():
+        losses = coded_criterion(model(inputs), labels)
+    usable = torch.ones(len(labels), dtype=torch.bool)
+    odd_rows = torch.arange(sum(sizes[:ODD_RANK]), sum(sizes[: ODD_RANK + 1]))
+    if fault == "nan":
+        usable[odd_rows[list(FAULTY_EXAMPLES)]] = False
+    elif fault == "wrong_shape":
+        usable[odd_rows] = False
+    elif fault == "config_differs":
+        usable[:] = False
+    mask = select_mask_of(losses, usable)
+    reference = coded_criterion(model(inputs[mask]), labels[mask]).sum() / max(int(mask.sum()), 1)
+    if mask.any():
+        reference.backward()
+    for rank, (bad_call, _) in enumerate(outcomes):
+        assert torch.equal(bad_call.mask, rank_slice(mask, list(sizes), rank)), rank
+        assert bad_call.num_selected == int(mask.sum())
+        for got, parameter in zip(bad_call.grads, model.parameters(), strict=True):
+            want = torch.zeros_like(parameter) if parameter.grad is None else parameter.grad
+            assert (got - want).abs().max().item() <= TOLERANCE, rank
+
+
+def select_mask_of(losses: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
+    return reference_mask({"keep": 0.5}, [len(losses)], losses, usable, None)
+
+
+def skipped_call_on_rank(losses: torch.Tensor) -> Outcome:
+    """Worker: three deferred selector calls, one fewer on ``ODD_RANK``, then ``check()``."""
+    selector = HardExampleSelector(keep=0.5, check="deferred")
+    try:
+        for call in range(3):
+            if not (get_rank() == ODD_RANK and call == 1):
+                selector(losses)
+        selector.check()
+    except DistributedInputError as exc:
+        return Outcome(error=str(exc))
+    return Outcome()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_deferred_rank_that_skips_a_call_raises_at_check(ranks, world_size: int):
+    outcomes = ranks.run(world_size, skipped_call_on_rank, torch.rand(6), timeout=TIMEOUT_S)
+    assert_same_error_everywhere(outcomes, "a rank made one selector call fewer")
+
+
+def deferred_clean_on_rank(losses: torch.Tensor) -> int:
+    """Worker: deferred calls and ``check()`` with nothing wrong raise nothing."""
+    selector = HardExampleSelector(keep=0.5, check="deferred")
+    for _ in range(3):
+        selected = selector(losses).num_selected_global
+    selector.check()
+    selector.check()
+    return selected
+
+
+def test_deferred_check_without_a_fault_passes(ranks):
+    assert ranks.run(3, deferred_clean_on_rank, torch.rand(5), timeout=TIMEOUT_S) == [8] * 3
