@@ -387,11 +387,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
 # ``--diagnose``: why does global OHEM trail local OHEM in the skewed cell? The skewed
 # cell's local and global runs again (more seeds), each final model also evaluated on
 # test scenes of the two training kinds (EASY: one object, no look-alike; HARD: crowded,
-# many look-alikes), and the pair again at half and twice the learning rate.
+# many look-alikes); global selection with per-image weighting; and the local/global pair
+# again at half and twice the learning rate.
 
 #: (variant, learning-rate factor) pairs of the diagnosis; seeds 0-9 at factor 1, 0-4 else.
-DIAGNOSIS = (("local", 1.0), ("global", 1.0), ("local", 0.5), ("global", 0.5))
-DIAGNOSIS += (("local", 2.0), ("global", 2.0))
+#: ``global_per_image``: global OHEM's choice of RoIs, but every image's selected RoIs
+#: weigh as much in the gradient as under local OHEM (each rank back-propagates the mean
+#: of its own selected losses; DDP averages the ranks), not in proportion to their count.
+DIAGNOSIS = (("local", 1.0), ("global", 1.0), ("global_per_image", 1.0))
+DIAGNOSIS += (("local", 0.5), ("global", 0.5), ("local", 2.0), ("global", 2.0))
 DIAGNOSIS_SEEDS = {1.0: 10, 0.5: 5, 2.0: 5}
 #: Test sets of the diagnosis: the usual iid one, and one per training kind.
 DIAGNOSIS_TESTS = ("iid", "easy", "hard")
@@ -429,12 +433,21 @@ def diagnose_rank_main(
         return result
 
     roi_detection.evaluate = evaluate_all
+    from dist_ohem.detection import RoISelection
+
+    per_roi = RoISelection.loss_of_selected
+
+    def per_image(self: Any, selected_losses: torch.Tensor) -> torch.Tensor:
+        return selected_losses.sum() / max(selected_losses.numel(), 1)
+
     base_lr = roi_detection.Config.lr
     runs = []
     for variant, factor, seed in plan["runs"]:
         run_dir = Path(plan["runs_dir"]) / f"diag_{variant}_lr{factor}_s{seed}"
+        RoISelection.loss_of_selected = per_image if variant == "global_per_image" else per_roi
         cfg = roi_detection.Config(
-            run_dir=str(run_dir), seed=seed, scope=variant, shard="skewed",
+            run_dir=str(run_dir), seed=seed, scope=variant.removesuffix("_per_image"),
+            shard="skewed",
             max_steps=plan["steps"], eval_every=plan["steps"], plot=False,
             test_images=plan["test_images"], progress=False, lr=base_lr * factor,
         )  # fmt: skip
@@ -458,35 +471,27 @@ def diagnose_rank_main(
 
 
 def diagnosis_rows(runs: list[dict]) -> list[dict[str, Any]]:
-    """Per learning-rate factor and test set: local and global mAP, global - local paired."""
+    """Per learning-rate factor and test set: each variant's mAP, and each variant minus
+    local OHEM paired by seed."""
     rows = []
     for factor in sorted({r["lr_factor"] for r in runs}):
         mine = [r for r in runs if r["lr_factor"] == factor]
-        by = {v: {r["seed"]: r for r in mine if r["variant"] == v} for v in ("local", "global")}
-        seeds = sorted(set(by["local"]) & set(by["global"]))
+        variants = [v for v, f in DIAGNOSIS if f == factor and any(r["variant"] == v for r in mine)]
+        by = {v: {r["seed"]: r for r in mine if r["variant"] == v} for v in variants}
         for test in DIAGNOSIS_TESTS:
             key = "map" if test == "iid" else f"map_{test}"
-            diff = [by["global"][s]["final"][key] - by["local"][s]["final"][key] for s in seeds]
-            rows.append(
-                {
-                    "lr_factor": factor,
-                    "test": test,
-                    "local": mean_std([by["local"][s]["final"][key] for s in seeds]),
-                    "global": mean_std([by["global"][s]["final"][key] for s in seeds]),
-                    "global_minus_local": {
-                        **mean_std(diff),
-                        "ahead": sum(d > 0 for d in diff),
-                        "values": diff,
-                    },
-                    "rank0_share_global": mean_std(
-                        [by["global"][s]["rank_share"][0] for s in seeds]
-                    ),
-                    "lookalike_kept": {
-                        v: mean_std([by[v][s]["lookalike_kept"] for s in seeds]) for v in by
-                    },
-                    "fg_kept": {v: mean_std([by[v][s]["fg_kept"] for s in seeds]) for v in by},
+            row: dict[str, Any] = {"lr_factor": factor, "test": test, "variants": {}}
+            for v in variants:
+                seeds = sorted(set(by[v]) & set(by["local"]))
+                diff = [by[v][s]["final"][key] - by["local"][s]["final"][key] for s in seeds]
+                row["variants"][v] = {
+                    "map": mean_std([by[v][s]["final"][key] for s in by[v]]),
+                    "minus_local": {**mean_std(diff), "ahead": sum(d > 0 for d in diff)},
+                    "rank0_share": mean_std([r["rank_share"][0] for r in by[v].values()]),
+                    "lookalike_kept": mean_std([r["lookalike_kept"] for r in by[v].values()]),
+                    "fg_kept": mean_std([r["fg_kept"] for r in by[v].values()]),
                 }
-            )
+            rows.append(row)
     return rows
 
 
@@ -503,6 +508,10 @@ def diagnosis_markdown(report: dict[str, Any]) -> str:
         f"- the skewed cell of roi_skewed.md (W=2, {report['steps']} steps, rank 0 HARD "
         "scenes, rank 1 EASY, one image per rank, 64 RoIs per image), local and global "
         "OHEM; seeds 0-9 at the example's learning rate (3e-3), 0-4 at half and twice it",
+        "- global_per_image (seeds 0-9): global OHEM's choice of RoIs, but each image's "
+        "selected RoIs weigh as under local OHEM (each rank back-propagates the mean of its "
+        "own selected losses, DDP averages the ranks) instead of 1/M per RoI: it separates "
+        "*which* RoIs global picks from *how much* the hard image then weighs",
         f"- every final model is evaluated on three fixed test sets of {report['test_images']} "
         "scenes: iid (the study's), easy (one object, no look-alike: rank 1's kind) and "
         "hard (4-6 objects, 3-5 look-alikes: rank 0's kind); COCO mAP@[.5:.95]",
@@ -512,24 +521,29 @@ def diagnosis_markdown(report: dict[str, Any]) -> str:
             [
                 "lr",
                 "test set",
-                "local OHEM",
-                "global OHEM",
-                "global - local",
-                "rank 0 share (global)",
-                "look-alike RoIs kept local / global",
+                "variant",
+                "mAP",
+                "minus local OHEM (paired)",
+                "rank 0 share",
+                "fg RoIs kept",
+                "look-alike RoIs kept",
             ],
             [
                 [
                     f"x{r['lr_factor']:g}",
                     r["test"],
-                    fmt(r["local"]),
-                    fmt(r["global"]),
-                    f"{fmt(r['global_minus_local'], '+.3f')} "
-                    f"({r['global_minus_local']['ahead']}/{r['global_minus_local']['n']})",
-                    fmt(r["rank0_share_global"]),
-                    f"{fmt(r['lookalike_kept']['local'])} / {fmt(r['lookalike_kept']['global'])}",
+                    v,
+                    fmt(stat["map"]),
+                    "-"
+                    if v == "local"
+                    else f"{fmt(stat['minus_local'], '+.3f')} "
+                    f"({stat['minus_local']['ahead']}/{stat['minus_local']['n']})",
+                    fmt(stat["rank0_share"]),
+                    fmt(stat["fg_kept"]),
+                    fmt(stat["lookalike_kept"]),
                 ]
                 for r in report["rows"]
+                for v, stat in r["variants"].items()
             ],
         ),
         "",
