@@ -152,3 +152,21 @@ def test_budget_more_seeds_of_one_shard_are_reported_apart(tmp_path: Path, monke
     (extra,) = report["more_seeds"]
     assert extra["shard"] == "iid" and extra["seeds"] == [0, 1, 2]
     assert "## More seeds" in (tmp_path / "out" / "budget.md").read_text()
+
+
+def test_roi_diagnosis_rows_pair_every_variant_with_local_by_seed() -> None:
+    from bench import roi_quality
+
+    def run(variant: str, seed: int, maps: tuple[float, float, float]) -> dict:
+        final = {"map": maps[0], "map_easy": maps[1], "map_hard": maps[2]}
+        return {"variant": variant, "seed": seed, "lr_factor": 1.0, "final": final,
+                "rank_share": [0.5, 0.5], "lookalike_kept": 0.1, "fg_kept": 0.4}  # fmt: skip
+
+    runs = [run("local", s, (0.3, 0.5, 0.2)) for s in (0, 1)]
+    runs += [run("global", s, (0.28, 0.45, 0.21 + s / 100)) for s in (0, 1)]
+    rows = {row["test"]: row for row in roi_quality.diagnosis_rows(runs)}
+    assert set(rows) == {"iid", "easy", "hard"}
+    easy = rows["easy"]["variants"]["global"]["minus_local"]
+    assert easy["mean"] == pytest.approx(-0.05) and easy["ahead"] == 0
+    assert rows["hard"]["variants"]["global"]["minus_local"]["ahead"] == 2
+    assert "global_per_image" not in rows["iid"]["variants"]
