@@ -24,6 +24,7 @@ __all__ = [
     "LateRead",
     "all_gather_equal",
     "all_gather_uneven",
+    "all_reduce_max",
     "all_reduce_sum",
     "all_to_all_uneven",
     "exchange_rank_rows",
@@ -222,6 +223,14 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None)
     if is_distributed(group):
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return total
+
+
+def all_reduce_max(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Elementwise max of ``tensor`` over the ranks of ``group`` (returned; input unchanged)."""
+    result = tensor.clone()
+    if is_distributed(group):
+        dist.all_reduce(result, op=dist.ReduceOp.MAX, group=group)
+    return result
 
 
 def all_gather_uneven(

@@ -7,21 +7,31 @@
    (every rank gets the same set).
 3. *Balance* (optional): one all-to-all moves the selected examples so each rank trains
    ``floor(M/W)`` or ``ceil(M/W)`` of them.
-4. *Training*: forward + backward through the wrapped model on the selected examples
-   only, in chunks of at most ``micro_batch_size``, each with the loss
-   ``(W / M) * sum(per-example losses of the chunk)``. Every rank runs the same number of
-   chunks (a rank with fewer pads with zero-weight chunks), gradients are synchronised on
-   the last one only (DDP ``no_sync`` / DeepSpeed's accumulation boundary before it).
-   After the engine averages gradients over ranks the accumulated gradient is that of
-   the mean loss over the M selected examples: the single-process reference on the
-   concatenated batch.
+4. *Training*: forward + backward through the wrapped model with the loss
+   ``(W / M) * sum(per-example losses of the selected rows)``, by one of the plans of
+   :mod:`dist_ohem.train_pass`: a fixed capacity of rows per rank with weight 0 on the
+   unselected ones (no host read before the training backward, the default on
+   accelerators), or the selected rows themselves in chunks of at most
+   ``micro_batch_size`` (every rank runs the same number of chunks, a rank with fewer
+   pads with zero-weight chunks; gradients are synchronised on the last one only: DDP
+   ``no_sync`` / DeepSpeed's accumulation boundary before it). After the engine
+   averages gradients over ranks the accumulated gradient is that of the mean loss over
+   the M selected examples: the single-process reference on the concatenated batch.
+
+Host reads per step on an accelerator (``check="deferred"``, the default there): with
+capacity, none before the training backward and one after it (the overflow); without
+(``balance``, ``micro_batch_size``), the mask and the counts are read between the passes,
+and ZeRO-3 / FSDP with ``micro_batch_size`` also agree the scoring chunks before scoring.
+``valid`` and ``ignore_index`` stay on the device.
 
 ``score_mode`` says what BatchNorm and dropout do in the scoring pass:
 
 - ``"no_grad_train"`` (default): the model stays in train mode, so BatchNorm normalizes
   with each scoring chunk's statistics and dropout is active, as in the training pass.
-  BatchNorm running statistics (and ``num_batches_tracked``) are restored after the
-  scoring pass, so only the training pass updates them. The RNG is forked, so the
+  BatchNorm running statistics (and ``num_batches_tracked``) are not updated by the
+  scoring pass (``track_running_stats`` is off during it), so only the training pass
+  updates them; with capacity, the weight-0 rows of the training pass are part of its
+  batch statistics. The RNG is forked, so the
   scoring pass does not advance the global RNG that the training pass's dropout draws
   from.
 - ``"eval"``: every module is switched to eval mode for the scoring pass (BatchNorm uses
@@ -29,7 +39,7 @@
 
 A zero-weight chunk forwards the rank's first one or two local examples with a finite
 loss at weight 0 (the gradient contribution is exactly zero) with the BatchNorm running
-statistics restored afterwards, so BatchNorm does not learn from them; with no such
+statistics frozen, so BatchNorm does not learn from them; with no such
 example it forwards an empty batch. It keeps the forward count (DDP broadcasts buffers
 in every forward) and the backward count equal on every rank, so that no collective of
 the engine waits for a rank that skipped it.
@@ -37,28 +47,19 @@ the engine waits for a rank that skipped it.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
-from torch.nn.parallel import DistributedDataParallel
 
 from dist_ohem import comm
-from dist_ohem.batches import (
-    Batch,
-    batch_leaves,
-    batch_size,
-    call_model,
-    chunk_bounds,
-    move_to_shares,
-    select_rows,
-)
-from dist_ohem.loss import global_mean_loss, normalization_scale, per_instance_criterion, scaled
+from dist_ohem.batches import Batch, batch_leaves, batch_size, call_model, chunk_bounds, select_rows
+from dist_ohem.loss import global_mean_loss, per_instance_criterion
+from dist_ohem.result import SelectionResult
 from dist_ohem.scoring import (
     ExampleLosses,
     ScoreFn,
@@ -67,11 +68,21 @@ from dist_ohem.scoring import (
     checked_valid,
     score_chunk,
 )
-from dist_ohem.selector import HardExampleSelector, SelectionResult
+from dist_ohem.selector import HardExampleSelector
+from dist_ohem.train_pass import TrainingInputs, capacity_of, train_selected, train_with_capacity
+from dist_ohem.wrappers import (
+    forward_communicates,
+    is_deepspeed_engine,
+    scoring_context,
+    unwrap_model,
+)
 
-__all__ = ["StepOutput", "ohem_step", "unwrap_model"]
+__all__ = ["AUTO_CAPACITY_FACTOR", "StepOutput", "ohem_step"]
 
 SCORE_MODES = ("no_grad_train", "eval")
+#: ``capacity_factor="auto"`` on an accelerator: 25% more rows than the expected share,
+#: the padding that cost 1.50x vs 1.55x on an H200 against a read between the passes.
+AUTO_CAPACITY_FACTOR = 1.25
 
 
 @dataclass
@@ -82,7 +93,6 @@ class StepOutput:
         loss: the detached scalar this rank back-propagated (summed over its chunks),
             ``(W / M) * sum`` of its trained examples' losses: its share, not the mean.
         selection: the :class:`SelectionResult` of the scoring pass.
-        num_trained_local: examples this rank trained on (after balancing).
         scores: ``(N,)`` what the selection ranked (detached): ``score_fn``'s scores, or
             the per-example losses of the scoring pass without it.
         mean_loss_on_device: the global mean of the selected examples' training losses
@@ -97,23 +107,34 @@ class StepOutput:
         num_chunks: training chunks every rank ran (zero-weight padding included).
         timings: seconds per phase: ``scoring``, ``selection``, ``communication``
             (the balance all-to-all; 0 without balance) and ``training``
-            (forward + backward of every chunk), measured on the host.
+            (forward + backward of every chunk), measured on the host (on a GPU they
+            time the launches, not the work).
+        trained_rows: the selected examples this rank trained when it is known without a
+            read (after balancing); None otherwise (see :attr:`num_trained_local`).
     """
 
     loss: torch.Tensor
     selection: SelectionResult
-    num_trained_local: int
     scores: torch.Tensor
     mean_loss_on_device: torch.Tensor
     example_losses: torch.Tensor
     valid: torch.Tensor
     num_chunks: int = 1
     timings: dict[str, float] = field(default_factory=dict)
+    trained_rows: int | None = None
 
     @property
     def mean_loss(self) -> float:
         """:attr:`mean_loss_on_device` as a float (reading it waits for the device)."""
         return float(self.mean_loss_on_device)
+
+    @property
+    def num_trained_local(self) -> int:
+        """Selected examples this rank trained (after balancing; read from the device
+        when needed)."""
+        if self.trained_rows is not None:
+            return self.trained_rows
+        return self.selection.num_selected_local
 
 
 def ohem_step(
@@ -134,6 +155,7 @@ def ohem_step(
     micro_batch_size: int | None = None,
     score_fn: ScoreFn | None = None,
     sync_mean_loss: bool = True,
+    capacity_factor: float | str | None = "auto",
 ) -> StepOutput:
     """One two-pass OHEM forward/backward over this rank's share of one optimizer step
     (no optimizer step). Call on every rank.
@@ -178,7 +200,18 @@ def ohem_step(
             ranking the examples for selection (higher = harder), called under
             ``no_grad`` once per scoring chunk; training still uses the loss.
         sync_mean_loss: compute :attr:`StepOutput.mean_loss` with one all-reduce of a
-            scalar after the training pass; False skips it (``mean_loss`` is NaN).
+            scalar after the training pass (nothing is read back in the step); False
+            skips it (``mean_loss`` is NaN).
+        capacity_factor: ``c``: each rank trains a fixed number of rows C_r (see
+            :func:`dist_ohem.train_pass.capacity_of`; for ``keep``,
+            ``ceil(c * keep * N_r)``), its selected rows first and the hardest others
+            at weight 0, so that nothing is read between the scoring and the training
+            pass; a rank owning more selected rows than C_r makes every rank train one
+            more padded chunk (decided by one read after the training backward). The
+            gradient is the reference's either way. None: train exactly the selected
+            rows (one host read between the passes). ``"auto"`` (default): 1.25 for
+            inputs on an accelerator, without ``balance``, ``micro_batch_size`` or a
+            DeepSpeed engine; None otherwise (on CPU a read costs nothing).
 
     Returns:
         :class:`StepOutput`.
@@ -193,9 +226,7 @@ def ohem_step(
     if ignore_index is None:
         ignore_index = getattr(criterion, "ignore_index", None)
     reduce_losses = ExampleLosses(per_instance_criterion(criterion), example_score, ignore_index)
-    module = unwrap_model(model)
-    group = selector.group
-    timings = {"scoring": 0.0, "selection": 0.0, "communication": 0.0, "training": 0.0}
+    capacity_factor = _resolved_capacity(capacity_factor, model, inputs, balance, micro_batch_size)
     # Ranks that disagree on these would run different collectives (the balance
     # all-to-all, the number of chunks, the mean-loss all-reduce) and hang.
     caller_config = (
@@ -206,9 +237,138 @@ def ohem_step(
         ignore_index,
         micro_batch_size,
         sync_mean_loss,
+        capacity_factor,
     )
+    timings = {"scoring": 0.0, "selection": 0.0, "communication": 0.0, "training": 0.0}
+
+    capacity = None
+    if capacity_factor is not None:
+        world_size = comm.get_world_size(selector.group)
+        capacity = capacity_of(selector, capacity_factor, batch_size(inputs), world_size)
+    started = time.perf_counter()
+    scored = _score(
+        model,
+        inputs,
+        targets,
+        reduce_losses,
+        selector,
+        score_mode,
+        valid,
+        micro_batch_size,
+        score_fn,
+        caller_config,
+        None if capacity is None or micro_batch_size is None else -(-capacity // micro_batch_size),
+    )
+    timings["scoring"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    if scored.error is None:
+        selection = selector(scored.scores, scored.valid, positive, caller_config=caller_config)
+    else:  # deferred checks: this rank selects nothing and trains at weight 0
+        selection = scored.failed_selection
+    timings["selection"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    batch = TrainingInputs(
+        model,
+        unwrap_model(model),
+        inputs,
+        targets,
+        reduce_losses,
+        selection,
+        scored.scores,
+        scored.example_losses,
+        scored.valid,
+        backward or torch.Tensor.backward,
+        grad_average,
+        selector.group,
+    )
+    if capacity is None:
+        trained, timings["communication"] = train_selected(batch, balance, micro_batch_size)
+    elif micro_batch_size is None:
+        trained = train_with_capacity(batch, selector, capacity, max(capacity, 1))
+    else:  # every rank runs the most capacity chunks of any rank
+        capacity = scored.capacity_chunks * micro_batch_size
+        trained = train_with_capacity(batch, selector, capacity, micro_batch_size)
+    mean_loss = global_mean_loss(trained.selected_sum, selection, selector.group, sync_mean_loss)
+    timings["training"] = time.perf_counter() - started - timings["communication"]
+    return StepOutput(
+        loss=trained.loss,
+        selection=selection,
+        scores=scored.scores,
+        mean_loss_on_device=mean_loss,
+        example_losses=scored.example_losses,
+        valid=scored.valid,
+        num_chunks=trained.num_chunks,
+        timings=timings,
+        trained_rows=trained.num_trained_local,
+    )
+
+
+def _resolved_capacity(
+    capacity_factor: float | str | None,
+    model: nn.Module,
+    inputs: Batch,
+    balance: bool,
+    micro_batch_size: int | None,
+) -> float | None:
+    """The capacity factor to use, or None to train exactly the selected rows."""
+    if capacity_factor == "auto":
+        leaves = batch_leaves(inputs)
+        on_accelerator = bool(leaves) and leaves[0].device.type != "cpu"
+        simple = not balance and micro_batch_size is None and not is_deepspeed_engine(model)
+        return AUTO_CAPACITY_FACTOR if on_accelerator and simple else None
+    if capacity_factor is None:
+        return None
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        raise TypeError(
+            f"capacity_factor must be a number, 'auto' or None, got {capacity_factor!r}"
+        )
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    if balance:
+        raise ValueError(
+            "balance=True and capacity_factor are alternatives: with capacity every rank "
+            "already trains the same number of rows (for equal batches); pass "
+            "capacity_factor=None to balance the selected rows instead"
+        )
+    return float(capacity_factor)
+
+
+@dataclass
+class _Scored:
+    """The scoring pass's outcome: ``(N,)`` losses, scores and validity; with deferred
+    checks a rank whose scoring failed gets NaN losses, no valid example, its error and
+    the selection it joined with it."""
+
+    example_losses: torch.Tensor
+    scores: torch.Tensor
+    valid: torch.Tensor
+    error: str | None = None
+    failed_selection: SelectionResult | None = None
+    capacity_chunks: int = 0
+
+
+def _score(
+    model: nn.Module,
+    inputs: Batch,
+    targets: Batch,
+    reduce_losses: ExampleLosses,
+    selector: HardExampleSelector,
+    score_mode: str,
+    valid: torch.Tensor | None,
+    micro_batch_size: int | None,
+    score_fn: ScoreFn | None,
+    caller_config: tuple,
+    capacity_chunks: int | None,
+) -> _Scored:
+    """The no-grad scoring pass over this rank's batch, failing together on any error.
+
+    With ``capacity_chunks`` (capacity and ``micro_batch_size``) the ranks agree before
+    scoring on the most capacity chunks of any rank, in the same exchange that ZeRO-3 /
+    FSDP need to agree on the scoring chunks: one read, before the scoring pass.
+    """
+    module = unwrap_model(model)
     num_examples = batch_size(inputs)
     input_error, chunk_size, requested = None, max(num_examples, 1), None
     try:
@@ -219,20 +379,21 @@ def ohem_step(
     # At least one chunk, so that an empty batch still yields dtypes and devices.
     num_scoring_chunks = max(1, -(-num_examples // chunk_size))
     num_padding_chunks = 0
-    forwards_in_step = micro_batch_size is not None and _forward_communicates(model)
-    if forwards_in_step:
+    forwards_in_step = micro_batch_size is not None and forward_communicates(model)
+    if forwards_in_step or capacity_chunks is not None:
         # ZeRO-3 / FSDP gather parameters in every forward, so every rank must run as many
         # scoring forwards, and a rank with bad input must not start them alone.
         device = next(iter(batch_leaves(inputs)), torch.empty(0)).device
-        most_chunks, input_error = _agree_before_scoring(
-            num_scoring_chunks, input_error, device, group
+        most_chunks, input_error, capacity_chunks = _agree_before_scoring(
+            [num_scoring_chunks, capacity_chunks or 0], input_error, device, selector.group
         )
-        num_padding_chunks = most_chunks - num_scoring_chunks
+        if forwards_in_step:
+            num_padding_chunks = most_chunks - num_scoring_chunks
     if input_error is not None:
-        selector.fail(input_error, caller_config=caller_config)
+        return _failed(input_error, inputs, selector, caller_config)
     scoring_error: Exception | None = None
     try:
-        with torch.no_grad(), _scoring_context(module, score_mode, inputs):
+        with torch.no_grad(), scoring_context(module, score_mode, inputs):
             scored = []
             for rows in chunk_bounds(num_examples, chunk_size, num_scoring_chunks):
                 chunk_inputs = select_rows(inputs, rows)
@@ -262,193 +423,44 @@ def ohem_step(
         example_losses, scores, has_position = (
             torch.cat(part) for part in zip(*scored, strict=True)
         )
-        example_valid = has_position & requested.to(has_position.device)
-        if score_fn is not None and selector.nan == "raise":
-            check_no_nan_scores(scores, example_valid)
+        example_valid = has_position if valid is None else has_position & requested
+        if score_fn is not None and selector.nan == "raise" and scores.device.type == "cpu":
+            check_no_nan_scores(scores, example_valid)  # on a device: the selector's NaN flag
     except Exception as exc:  # noqa: BLE001 - re-raised on every rank by fail()
-        selector.fail(
-            f"the scoring pass raised {type(exc).__name__}: {exc}", caller_config=caller_config
-        )
-    timings["scoring"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    selection = selector(scores, example_valid, positive, caller_config=caller_config)
-    timings["selection"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    chosen = selection.mask.nonzero().squeeze(1)
-    train_batch = (select_rows(inputs, chosen), select_rows(targets, chosen))
-    trained_per_rank = list(selection.selected_per_rank)
-    if balance and comm.is_distributed(group):
-        train_batch, trained_per_rank = move_to_shares(train_batch, trained_per_rank, group)
-    timings["communication"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    train_inputs, train_targets = train_batch
-    num_trained = batch_size(train_inputs)
-    train_chunk = micro_batch_size or max(max(trained_per_rank), 1)
-    num_chunks = max(1, max(-(-n // train_chunk) for n in trained_per_rank))
-    scale = normalization_scale(selection, "mean", grad_average, group)
-    loss_total = torch.zeros((), dtype=example_losses.dtype, device=example_losses.device)
-    selected_sum = torch.zeros((), dtype=torch.float64, device=example_losses.device)
-    for index, rows in enumerate(chunk_bounds(num_trained, train_chunk, num_chunks)):
-        with _gradient_sync(model, sync=index == num_chunks - 1):
-            if rows.stop > rows.start:
-                losses, _ = reduce_losses(
-                    call_model(model, select_rows(train_inputs, rows)),
-                    select_rows(train_targets, rows),
-                )
-                loss = scaled(losses.sum(), scale)
-                selected_sum += losses.detach().sum(dtype=torch.float64)
-            else:
-                loss = _zero_weight_loss(
-                    model, module, inputs, targets, example_losses, reduce_losses
-                )
-            (backward or torch.Tensor.backward)(loss)
-        loss_total = loss_total + loss.detach()
-    mean_loss = global_mean_loss(selected_sum, selection, group, sync_mean_loss)
-    timings["training"] = time.perf_counter() - started
-    return StepOutput(
-        loss=loss_total,
-        selection=selection,
-        num_trained_local=num_trained,
-        scores=scores,
-        mean_loss_on_device=mean_loss,
-        example_losses=example_losses,
-        valid=example_valid,
-        num_chunks=num_chunks,
-        timings=timings,
-    )
+        message = f"the scoring pass raised {type(exc).__name__}: {exc}"
+        return _failed(message, inputs, selector, caller_config)
+    return _Scored(example_losses, scores, example_valid, capacity_chunks=capacity_chunks or 0)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DDP / a DeepSpeed engine (both keep it as ``.module``), else ``model``.
-
-    Forwarding the inner module skips the wrapper's gradient-sync bookkeeping and
-    DDP's buffer broadcast, which the no-grad scoring pass must not trigger.
-    """
-    return model.module if _is_ddp(model) or _is_deepspeed_engine(model) else model
-
-
-def _is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, DistributedDataParallel)
-
-
-def _is_deepspeed_engine(model: nn.Module) -> bool:
-    return any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
-
-
-def _forward_communicates(model: nn.Module) -> bool:
-    """True for engines whose forward gathers parameters: DeepSpeed ZeRO-3 and FSDP."""
-    if _is_deepspeed_engine(model):
-        return model.zero_optimization_stage() == 3
-    return any(
-        cls.__name__ in ("FullyShardedDataParallel", "FSDPModule")
-        for submodule in model.modules()
-        for cls in type(submodule).__mro__
-    )
+def _failed(
+    message: str, inputs: Batch, selector: HardExampleSelector, caller_config: tuple
+) -> _Scored:
+    """Join the selection with ``message``: raises on every rank with eager checks; with
+    deferred ones this rank goes on with nothing to train, and all raise at the next call."""
+    leaves = batch_leaves(inputs)
+    device = leaves[0].device if leaves else None
+    like = torch.full((batch_size(inputs),), math.nan, device=device)
+    selection = selector.fail(message, like, caller_config=caller_config)
+    no_example = torch.zeros_like(like, dtype=torch.bool)
+    return _Scored(like, like, no_example, message, selection)
 
 
 def _agree_before_scoring(
-    num_chunks: int, input_error: str | None, device: torch.device, group: object
-) -> tuple[int, str | None]:
-    """One all-gather of ``(error flag, scoring chunks)`` per rank.
+    counts: list[int], input_error: str | None, device: torch.device, group: object
+) -> tuple[int, str | None, int]:
+    """One all-gather of ``(error flag, scoring chunks, capacity chunks)`` per rank.
 
-    Returns the most chunks of any rank and the error to fail with: this rank's own, or,
-    when only other ranks failed, a note that they did (every rank then joins the
-    selector's fail-together exchange, which names the ranks and their messages).
+    Returns the most scoring chunks of any rank, the error to fail with (this rank's
+    own, or, when only other ranks failed, a note that they did: every rank then joins
+    the selector's fail-together exchange, which names the ranks and their messages)
+    and the most capacity chunks of any rank.
     """
-    row = torch.tensor([[int(input_error is not None), num_chunks]], device=device)
+    row = torch.tensor([[int(input_error is not None), *counts]], device=device)
     rows = torch.cat(comm.all_gather_uneven(row, group, [1] * comm.get_world_size(group)))
-    if input_error is None and bool(rows[:, 0].any()):
-        failed = rows[:, 0].nonzero().squeeze(1).tolist()
+    listed = rows.tolist()  # one read, before the scoring pass
+    flags = [row[0] for row in listed]
+    most_scoring, most_capacity = (max(row[i] for row in listed) for i in (1, 2))
+    if input_error is None and any(flags):
+        failed = [rank for rank, flag in enumerate(flags) if flag]
         input_error = f"stopped before scoring because rank(s) {failed} rejected their input"
-    return int(rows[:, 1].max()), input_error
-
-
-@contextmanager
-def _gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
-    """Let the backward inside synchronise gradients (``sync``), or defer it to a later one.
-
-    DDP: ``no_sync()``. DeepSpeed: the engine's accumulation boundary is forced off and
-    restored after (stages that communicate in every backward still do; every rank runs
-    the same chunks, and averaging is linear, so the result is the same). Other models
-    synchronise in every backward, if at all, with the same result.
-    """
-    if sync:
-        yield
-    elif _is_ddp(model):
-        with model.no_sync():
-            yield
-    elif _is_deepspeed_engine(model):
-        # The override is an attribute of the engine (None = follow the micro-step count);
-        # restoring it keeps the user's own accumulation schedule intact.
-        saved = model._is_gradient_accumulation_boundary
-        model.set_gradient_accumulation_boundary(False)
-        try:
-            yield
-        finally:
-            model._is_gradient_accumulation_boundary = saved
-    else:
-        yield
-
-
-@contextmanager
-def frozen_norm_statistics(module: nn.Module) -> Iterator[None]:
-    """Restore every BatchNorm/InstanceNorm running statistic of ``module`` on exit."""
-    norms = [m for m in module.modules() if isinstance(m, _NormBase) and m.track_running_stats]
-    saved = [
-        [t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
-        for m in norms
-    ]
-    try:
-        yield
-    finally:
-        for norm, tensors in zip(norms, saved, strict=True):
-            live = [
-                t
-                for t in (norm.running_mean, norm.running_var, norm.num_batches_tracked)
-                if t is not None
-            ]
-            for target, value in zip(live, tensors, strict=True):
-                # Through .data: the restore must not bump the version counter of a
-                # buffer that a pending backward (the zero-weight forward) saved.
-                target.data.copy_(value)
-
-
-@contextmanager
-def _scoring_context(module: nn.Module, score_mode: str, inputs: Batch) -> Iterator[None]:
-    if score_mode == "eval":
-        modes = [(m, m.training) for m in module.modules()]
-        module.eval()
-        try:
-            yield
-        finally:
-            for m, was_training in modes:
-                m.training = was_training
-        return
-    devices = sorted({t.device.index for t in batch_leaves(inputs) if t.is_cuda})
-    with frozen_norm_statistics(module), torch.random.fork_rng(devices=devices):
-        yield
-
-
-def _zero_weight_loss(
-    model: nn.Module,
-    module: nn.Module,
-    inputs: Batch,
-    targets: Batch,
-    example_losses: torch.Tensor,
-    reduce_losses: ExampleLosses,
-) -> torch.Tensor:
-    """A zero loss through the wrapped model, for a chunk with no example to train.
-
-    Only examples with a finite loss go through: the backward of a NaN or inf example
-    (NaN inputs, say) is NaN even at weight 0 and would poison every rank's gradient.
-    """
-    # Two, so BatchNorm1d accepts the batch in train mode.
-    rows = torch.isfinite(example_losses).nonzero().squeeze(1)[:2]
-    with frozen_norm_statistics(module):
-        losses, _ = reduce_losses(
-            call_model(model, select_rows(inputs, rows)), select_rows(targets, rows)
-        )
-    return torch.where(torch.zeros_like(losses, dtype=torch.bool), losses, 0.0).sum()
+    return most_scoring, input_error, most_capacity

@@ -99,4 +99,4 @@ def test_ohem_step_with_capacity_reads_once_after_the_backward(case):
     host_syncs.step_reads(
         META, host_syncs.STEP_CASES[case], lambda call: reads.extend(reads_of(call))
     )
-    assert reads == ["item"]  # the overflow check, after the training backward
+    assert reads == ["tolist"]  # the overflow check, after the training backward
