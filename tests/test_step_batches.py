@@ -27,6 +27,7 @@ from dist_ohem.batches import chunk_bounds
 from dist_ohem.comm import get_rank
 from dist_ohem.loss import per_instance_criterion
 from dist_ohem.scoring import ExampleLosses, masked_mean_per_example
+from dist_ohem.train_pass import capacity_of
 from tests.parity import (
     IGNORE,
     BufferedMLP,
@@ -100,6 +101,7 @@ class StepCase:
     nan: str = "raise"
     sync_mean_loss: bool = True
     seed: int = 3
+    capacity: float | None = None  # ohem_step's capacity_factor (None: the selected rows)
 
 
 def build_model(case: StepCase) -> nn.Module:
@@ -210,6 +212,7 @@ def step_cases_on_rank(cases: list[StepCase]) -> list[dict]:
             micro_batch_size=case.micro_batch_size,
             score_fn=SCORES.get(case.score),
             sync_mean_loss=case.sync_mean_loss,
+            capacity_factor=case.capacity,
         )
         results.append(
             {
@@ -275,6 +278,55 @@ STEP_CASES: dict[int, list[StepCase]] = {
         StepCase("tokens-micro2", "tokens", (3, 0, 4, 2), {"keep": 0.6}, 2, fully_ignored=(4,)),
     ],
 }
+# Capacity: a fixed number of rows per rank, weight 0 on the unselected ones; "over"
+# cases put the selection on one rank, beyond its capacity (an overflow chunk).
+CAPACITY_CASES: dict[int, list[StepCase]] = {
+    1: [StepCase("cap", "classes", (9,), {"keep": 0.4}, capacity=1.25)],
+    2: [
+        StepCase("cap", "classes", (7, 3), {"keep": 0.7}, capacity=1.0),
+        StepCase("cap-over-idle0", "skewed", (4, 8), {"top_k": 7}, hard_rank=1, capacity=1.0),
+        StepCase("cap-over-micro2", "skewed", (4, 8), {"top_k": 7}, 2, hard_rank=1, capacity=1.0),
+        StepCase("cap-easiest", "classes", (6, 5), {"keep": 0.3}, score="easiest", capacity=1.5),
+        StepCase(
+            "cap-nan-ignore",
+            "classes",
+            (6, 5),
+            {"keep": 0.5},
+            score="nan_marked",
+            marked=(1, 7),
+            nan="ignore",
+            capacity=1.25,
+        ),
+    ],
+    3: [
+        StepCase(
+            "cap-tokens", "tokens", TOKENS_3, {"keep": 0.5}, fully_ignored=(6,), capacity=1.25
+        ),
+        StepCase(
+            "cap-valid",
+            "classes",
+            (4, 3, 5),
+            {"keep": 0.5},
+            invalid=(0, 4, 5, 6, 11),
+            capacity=1.25,
+        ),
+        StepCase("cap-micro2", "classes", (5, 1, 8), {"keep": 0.8}, 2, capacity=1.25),
+        StepCase("cap-over", "skewed", (3, 4, 6), {"top_k": 6}, hard_rank=2, capacity=0.5),
+    ],
+    4: [
+        StepCase(
+            "cap-tokens-micro2",
+            "tokens",
+            (3, 0, 4, 2),
+            {"keep": 0.6},
+            2,
+            fully_ignored=(4,),
+            capacity=1.0,
+        ),
+    ],
+}
+for _world_size, _cases in CAPACITY_CASES.items():
+    STEP_CASES[_world_size] += _cases
 ALL_STEP_CASES = [(w, case) for w, cases in STEP_CASES.items() for case in cases]
 
 
@@ -307,7 +359,10 @@ def test_step_matches_single_process_reference(step_results, world_size, case):
             assert math.isclose(result["mean_loss"], want.mean_loss, rel_tol=1e-6), rank
         else:
             assert math.isnan(result["mean_loss"])
-        assert result["syncs"] == 1, f"rank {rank} synchronised {result['syncs']} times"
+        if case.capacity is None:
+            assert result["syncs"] == 1, f"rank {rank} synchronised {result['syncs']} times"
+        else:  # once per capacity span: the overflow's span synchronises again
+            assert result["syncs"] == 1 + (result["num_chunks"] > capacity_chunks(case, got)), rank
     # The logged loss is each rank's share: their average is the mean.
     shares = sum(result["loss"] for result in got) / world_size
     assert math.isclose(shares, want.mean_loss, rel_tol=1e-5, abs_tol=1e-7)
@@ -315,10 +370,24 @@ def test_step_matches_single_process_reference(step_results, world_size, case):
     assert sum(trained) == int(want.mask.sum())
     if case.balance:
         assert max(trained) - min(trained) <= 1
+    if case.capacity is not None:
+        assert len({result["num_chunks"] for result in got}) == 1
+        if case.name.startswith("cap-over"):  # the selection overflowed the hard rank
+            assert got[0]["num_chunks"] > capacity_chunks(case, got)
+        return
     chunk = case.micro_batch_size or max(max(trained), 1)
     assert {result["num_chunks"] for result in got} == {max(1, -(-max(trained) // chunk))}
     if case.hard_rank is not None:
         assert got[0]["selected_per_rank"][case.hard_rank] == int(want.mask.sum())
+
+
+def capacity_chunks(case: StepCase, got: list[dict]) -> int:
+    """The chunks of the capacity span, every rank's: capacity over the chunk size."""
+    if case.micro_batch_size is None:
+        return 1
+    selector = HardExampleSelector(**case.rule)
+    capacities = [capacity_of(selector, case.capacity, n, len(case.sizes)) for n in case.sizes]
+    return max(-(-capacity // case.micro_batch_size) for capacity in capacities)
 
 
 def test_cases_exercise_what_they_claim():

@@ -35,7 +35,16 @@ def reference_grads(inputs, targets, kwargs, sizes):
     return [p.grad for p in model.parameters()]
 
 
-def step_on_rank(seed, sizes, kwargs, balance, hard_rank):
+#: How ohem_step trains: the selected rows, balanced, or a capacity (0.5: overflows).
+PLANS = {
+    "selected": {"capacity_factor": None},
+    "balanced": {"capacity_factor": None, "balance": True},
+    "capacity": {"capacity_factor": 1.25},
+    "capacity_overflow": {"capacity_factor": 0.5},
+}
+
+
+def step_on_rank(seed, sizes, kwargs, plan, hard_rank):
     """Worker: ohem_step and, on a fresh model, mask mode; both gradients and the counts."""
     rank = get_rank()
     inputs, targets = (rank_slice(t, sizes, rank) for t in skewed_batch(seed, sizes, hard_rank))
@@ -46,8 +55,8 @@ def step_on_rank(seed, sizes, kwargs, balance, hard_rank):
         targets,
         nn.CrossEntropyLoss(),
         HardExampleSelector(**kwargs),
-        balance=balance,
         positive=positives(targets, kwargs),
+        **PLANS[plan],
     )
     mask_model = make_mlp()
     mask_ddp = DDP(mask_model)  # held: a collected DDP wrapper would skip its all-reduce
@@ -72,7 +81,7 @@ SIZES = {1: [11], 2: [7, 12], 3: [5, 0, 9], 4: [6, 3, 10, 1]}
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-@pytest.mark.parametrize("balance", [False, True])
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize(
     ("kwargs", "hard_rank"),
     [
@@ -80,24 +89,25 @@ SIZES = {1: [11], 2: [7, 12], 3: [5, 0, 9], 4: [6, 3, 10, 1]}
         ({"top_k": 4, "strategy": "radix"}, None),
         ({"keep": 0.25, "scope": "local"}, None),
         ({"neg_pos_ratio": 2.0, "min_kept": 2}, None),
+        ({"loss_thresh": 1.5, "min_kept": 2}, None),
         ({"top_k": 5}, 0),  # rank 0 owns all selected; the others own none
         ({"top_k": 1}, -1),  # the last rank owns the only selected example
     ],
 )
 def test_two_pass_gradients_equal_reference_and_mask_mode(
-    ranks, world_size, balance, kwargs, hard_rank
+    ranks, world_size, plan, kwargs, hard_rank
 ):
     sizes = SIZES[world_size]
     hard = None if hard_rank is None else hard_rank % world_size
     if hard is not None and sizes[hard] == 0:
         hard = max(range(world_size), key=lambda r: sizes[r])
-    outputs = ranks.run(world_size, step_on_rank, 5, sizes, kwargs, balance, hard)
+    outputs = ranks.run(world_size, step_on_rank, 5, sizes, kwargs, plan, hard)
     expected = reference_grads(*skewed_batch(5, sizes, hard), kwargs, sizes)
     total = sum(outputs[0][3])
     for rank, (step_grads, mask_grads, num_trained, per_rank) in enumerate(outputs):
         assert_close_grads(step_grads, expected, f"two-pass rank {rank} {kwargs}")
         assert_close_grads(mask_grads, step_grads, f"mask vs two-pass rank {rank} {kwargs}")
-        if balance:
+        if plan == "balanced":
             assert num_trained in (total // world_size, -(-total // world_size))
         else:
             assert num_trained == per_rank[rank]
@@ -288,3 +298,53 @@ def test_mean_per_example_handles_dense_and_empty_batches():
     torch.testing.assert_close(mean_per_example(dense), dense.view(2, -1).mean(1))
     assert mean_per_example(torch.zeros(0, 3, 4)).shape == (0,)
     assert mean_per_example(torch.ones(5)).tolist() == [1.0] * 5
+
+
+def training_batch_sizes_on_rank(capacity_factor, steps: int) -> list[int]:
+    """Worker: the batch size of every forward with grad over ``steps`` ohem_steps."""
+    model = make_mlp()
+    sizes = []
+    model.register_forward_hook(
+        lambda _m, args, _out: sizes.append(args[0].shape[0]) if torch.is_grad_enabled() else None
+    )
+    ddp = DDP(model)
+    selector = HardExampleSelector(keep=0.25)
+    for step in range(steps):
+        inputs, targets = classification_batch(100 * step + get_rank(), 16)
+        ohem_step(ddp, inputs, targets, nn.CrossEntropyLoss(), selector, capacity_factor=2.0)
+    return sizes
+
+
+def test_capacity_trains_a_static_batch_size_every_step(ranks):
+    """Without overflow, the training forward sees ceil(c * keep * N) rows every step."""
+    for sizes in ranks.run(2, training_batch_sizes_on_rank, 2.0, 4):
+        assert sizes == [8] * 4  # ceil(2.0 * 0.25 * 16)
+
+
+def test_zero_weight_rows_contribute_exactly_zero():
+    """Nothing selected (top_k=0): the capacity row trains at weight 0, gradients are 0."""
+    model = make_mlp()
+    inputs, targets = classification_batch(0, 9)
+    out = ohem_step(
+        model,
+        inputs,
+        targets,
+        nn.CrossEntropyLoss(),
+        HardExampleSelector(top_k=0),
+        capacity_factor=1.0,
+    )
+    assert out.num_chunks == 1 and out.selection.num_selected_global == 0
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    assert float(out.loss) == 0.0
+
+
+def test_capacity_refuses_balance():
+    with pytest.raises(ValueError, match="alternatives"):
+        ohem_step(
+            make_mlp(),
+            *classification_batch(0, 4),
+            nn.CrossEntropyLoss(),
+            HardExampleSelector(keep=0.5),
+            balance=True,
+            capacity_factor=1.25,
+        )
