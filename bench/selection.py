@@ -56,7 +56,7 @@ sys.path.insert(1, str(ROOT))  # `python bench/selection.py` puts bench/ first o
 
 from bench.common import markdown_table, run_meta, run_world, write_report  # noqa: E402
 from dist_ohem import HardExampleSelector  # noqa: E402
-from dist_ohem.selector import AUTO_BRACKET_MIN_KEYS  # noqa: E402
+from dist_ohem.on_host import AUTO_BRACKET_MIN_KEYS  # noqa: E402
 
 STRATEGIES = ("gather", "radix", "bracket")
 KEEP = 0.1

@@ -57,6 +57,10 @@ class LocalBatch:
         """Hardness keys of the losses, computed once when an algorithm needs them."""
         return kselect.keys_of(self.losses)
 
+    def with_forced(self, picked: torch.Tensor) -> torch.Tensor:
+        """``picked`` together with the forced instances (the positives of neg_pos_ratio)."""
+        return picked if self.forced is None else self.forced | picked
+
     def candidate_mask(self) -> torch.Tensor:
         """``candidate`` as a tensor."""
         if self.candidate is None:

@@ -66,7 +66,7 @@ def select_on_device(
     forced = counts[:, FORCED]
     if scope == "all":
         per_rank = forced + counts[:, CANDIDATES]
-        mask = _union(batch.forced, batch.candidate_mask())
+        mask = batch.with_forced(batch.candidate_mask())
         kth_key = None
     else:
         local = scope == "local"
@@ -88,7 +88,7 @@ def select_on_device(
             0 if local else rank,
         )
         per_rank = forced + (to_select if local else chosen.per_rank)
-        mask = _union(batch.forced, chosen.picked)
+        mask = batch.with_forced(chosen.picked)
         picked_any = to_select[rank if local else 0] > 0
         kth_key = chosen.kth_key.where(picked_any, NO_KEY) if scope != "random" else None
     totals = counts.sum(0)
@@ -108,7 +108,3 @@ def _random_keys(
     offset = counts[:rank, NUMEL].sum()
     index = torch.arange(batch.losses.numel(), device=batch.losses.device) + offset
     return random_keys(index, seed, call)
-
-
-def _union(forced: torch.Tensor | None, picked: torch.Tensor) -> torch.Tensor:
-    return picked if forced is None else forced | picked

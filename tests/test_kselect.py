@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.overrides import TorchFunctionMode
 
 from dist_ohem import HardExampleSelector, SelectionRule, comm, kselect, select_mask
 from dist_ohem.comm import all_gather_equal, get_rank
@@ -57,7 +56,7 @@ def small_constants(
 
 @contextmanager
 def torch_ops_only() -> Iterator[None]:
-    """Run kselect's passes and comm's rows with torch ops (the path of CUDA and of no numpy)."""
+    """Run kselect's passes and comm's rows with torch ops (the host path without numpy)."""
     with mock.patch.object(kselect, "_numpy", None), mock.patch.object(comm, "_numpy", None):
         yield
 
@@ -255,7 +254,7 @@ def calls_on_rank(sizes_per_call, strategy, dtypes) -> list:
 def test_payload_survives_changing_sizes_and_dtypes(ranks, strategy):
     sizes_per_call = [[5, 7], [5, 7], [40, 3], [0, 9], [60, 61], [3, 3], [64, 0]]
     dtypes = [torch.float32] * 3 + [torch.float64] * 2 + [torch.float32] * 2
-    with mock.patch("dist_ohem.selector.AUTO_BRACKET_MIN_KEYS", 32):
+    with mock.patch("dist_ohem.on_host.AUTO_BRACKET_MIN_KEYS", 32):
         outputs = ranks.run(2, calls_on_rank, sizes_per_call, strategy, dtypes, timeout=30)
     for call, (sizes, dtype) in enumerate(zip(sizes_per_call, dtypes, strict=True)):
         gen = torch.Generator().manual_seed(call)
@@ -323,52 +322,6 @@ def test_bracket_bytes_do_not_grow_with_the_number_of_losses(ranks):
     for _, sent in (small, large):
         assert fixed <= sent <= fixed + 4 * kselect.FINAL_BIN_GATHER_MAX
     assert large[1] < 1.2 * small[1]
-
-
-class HostReads(TorchFunctionMode):
-    """Counts what would synchronize with a GPU: reads of tensor values into Python and
-    operations whose output size depends on the data (nonzero, boolean-mask indexing)."""
-
-    READS = frozenset({"__int__", "__float__", "__bool__", "__index__", "item", "tolist", "numpy"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        data_dependent = name in ("nonzero", "masked_select") or (
-            name in ("__getitem__", "__setitem__")
-            and isinstance(args[1], torch.Tensor)
-            and args[1].dtype == torch.bool
-        )
-        if name in self.READS or data_dependent:
-            self.names.append(name)
-        return func(*args, **(kwargs or {}))
-
-
-def host_reads_on_rank(num_keys: int, strategy: str) -> list[str]:
-    """Worker: the host reads of the second call (steady state), torch ops only."""
-    selector = HardExampleSelector(keep=0.1, strategy=strategy)
-    with torch_ops_only():
-        selector(torch.rand(num_keys))
-        with HostReads() as reads:
-            selector(torch.rand(num_keys))
-    return reads.names
-
-
-@pytest.mark.parametrize(
-    ("num_keys", "strategy", "expected"),
-    [
-        (256, "gather", ["tolist", "tolist"]),  # the rows; counts and k-th key
-        # The rows, the histograms, the final bin's counts and k-th key: the bracket's
-        # entries are extracted into a room of known size (nonzero_static).
-        (50_000, "bracket", ["tolist", "tolist", "tolist"]),
-    ],
-)
-def test_host_reads_per_call(ranks, num_keys, strategy, expected):
-    for names in ranks.run(2, host_reads_on_rank, num_keys, strategy, timeout=30):
-        assert names == expected
 
 
 def nan_at_invalid_positions_on_rank() -> tuple:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from dist_ohem import HardExampleSelector, SelectionRule, select_mask
 from dist_ohem.comm import get_rank
-from dist_ohem.selector import AUTO_BRACKET_MIN_KEYS
+from dist_ohem.on_host import AUTO_BRACKET_MIN_KEYS
 from tests.parity import Case, global_losses, rank_slice, reference_mask
 from tests.test_selection import rules
 
