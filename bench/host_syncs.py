@@ -65,7 +65,10 @@ class HostReads(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
         on_device = tensor is not None and tensor.device.type != "cpu"
-        if on_device and name in _SCALAR_READS:
+        if _is_copy_from_host(name, args, kwargs, on_device):
+            # A pageable host-to-device copy also waits for the device's queue.
+            self.reads.append(f"{name} from host")
+        elif on_device and name in _SCALAR_READS:
             self.reads.append(name)
             if tensor.is_meta:
                 return _zeros_read(name, tensor)
@@ -85,6 +88,16 @@ def _is_data_sized(name: str, args: tuple) -> bool:
     return name in ("__getitem__", "__setitem__") and (
         isinstance(index, torch.Tensor) and index.dtype == torch.bool
     )
+
+
+def _is_copy_from_host(name: str, args: tuple, kwargs: dict, on_device: bool) -> bool:
+    """``torch.tensor(data, device=...)`` or indexing a device tensor with a Python list."""
+    if name in ("tensor", "as_tensor"):
+        device = kwargs.get("device")
+        return device is not None and torch.device(device).type != "cpu"
+    index = args[1] if len(args) > 1 else None
+    parts = index if isinstance(index, tuple) else (index,)
+    return on_device and name == "__getitem__" and any(isinstance(p, list) for p in parts)
 
 
 def _is_blocking_copy_to_host(name: str, args: tuple, kwargs: dict) -> bool:

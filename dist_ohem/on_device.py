@@ -32,8 +32,10 @@ from dist_ohem.static_select import static_select
 
 __all__ = ["select_on_device"]
 
-#: Columns on which every rank's row must equal rank 0's.
-_AGREED = [CONFIG, KEY_BITS, CALLS, KIND]
+#: Columns on which every rank's row must equal rank 0's, adjacent in the row (a slice:
+#: indexing with a list would copy the index from the host).
+_AGREED = slice(CONFIG, KIND + 1)
+assert (KEY_BITS, CALLS) == (CONFIG + 1, CONFIG + 2) and KIND == CONFIG + 3
 
 
 def select_on_device(
