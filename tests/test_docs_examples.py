@@ -93,3 +93,11 @@ def test_example_runs_as_written(code: str, tmp_path: Path) -> None:
             proc.wait()
     output = log_path.read_text()[-OUTPUT_TAIL:]
     assert proc.returncode == 0, f"{shlex.join(argv)} exited {proc.returncode}:\n{output}"
+
+
+def test_the_api_reference_lists_every_public_name() -> None:
+    import dist_ohem
+
+    api = (REPO / "docs" / "api.md").read_text()
+    missing = [name for name in dist_ohem.__all__ if f"::: dist_ohem.{name}\n" not in api]
+    assert not missing, f"docs/api.md lacks {missing}"
