@@ -1009,7 +1009,8 @@ def render_budget(report: dict[str, Any]) -> str:
 def plot_budget(report: dict[str, Any], path: Path) -> None:
     """Per task: global - local headline (paired, mean ± std, seeds as dots) against the
     per-rank budget keep·n, one line per sharding (W=4 solid, W=8 dashed); below it the
-    same against the share of hard examples over their rank's budget."""
+    same against the share of hard examples over their rank's budget (points labelled
+    with n)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1026,7 +1027,8 @@ def plot_budget(report: dict[str, Any], path: Path) -> None:
         for row_index, xkey in enumerate(("budget", "over")):
             ax = axes[row_index][column]
             for shard in BUDGET_SHARDS:
-                for world_size, style in zip(world_sizes, ("-", "--", ":", "-."), strict=False):
+                styles = zip(world_sizes, ("-", "--", ":"), ("o", "s", "^"), strict=False)
+                for world_size, style, marker in styles:
                     rows = sorted(
                         (
                             r
@@ -1051,11 +1053,22 @@ def plot_budget(report: dict[str, Any], path: Path) -> None:
                         mean,
                         yerr=std,
                         color=colors[shard],
-                        linestyle=style,
-                        marker="o",
+                        # Below, the x order is not the n order: points, no lines.
+                        linestyle=style if xkey == "budget" else "none",
+                        marker=marker,
                         capsize=3,
                         label=f"{shard}, W={world_size}",
                     )
+                    if xkey == "over":
+                        for xi, yi, r in zip(x, mean, rows, strict=True):
+                            ax.annotate(
+                                f"n={r['per_rank']}",
+                                (xi, yi),
+                                textcoords="offset points",
+                                xytext=(5, 3),
+                                fontsize=7,
+                                color=colors[shard],
+                            )
                     for xi, s in zip(x, stats, strict=True):
                         ax.scatter(
                             [xi] * len(s["values"]),
