@@ -78,7 +78,8 @@ def dedup_rois(
         ``(R,)`` bool, True = kept.
 
     Raises:
-        ValueError / TypeError naming the first bad RoI or argument.
+        ValueError: a bad RoI or argument (named in the message).
+        TypeError: an argument of the wrong type (named in the message).
     """
     _check_rois(boxes, losses, image_ids, labels, iou_threshold)
     num_rois = boxes.shape[0]
@@ -276,7 +277,10 @@ class RoISelector:
         images_per_rank: images each rank holds per step (the same on every rank).
         iou_threshold: dedup IoU (suppress when IoU > it); None: no dedup, every valid
             RoI is a candidate.
-        scope, strategy, group, seed: as for :class:`HardExampleSelector`.
+        scope: as for :class:`HardExampleSelector`.
+        strategy: as for :class:`HardExampleSelector`.
+        group: as for :class:`HardExampleSelector`.
+        seed: as for :class:`HardExampleSelector`.
         grad_average: the engine averages gradients over ranks (DDP does): ``c = W``.
 
     Call ``selector(losses, boxes, image_ids, labels=None, valid=None)`` on every rank,
