@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
                 log.warning("stopped by a signal after step %d; resume=auto continues", step)
                 break
     bar.close()
+    # Deferred checks (the default on GPUs) raise a bad last step here, on every rank.
+    selector.check()
 
     digests = [parameter_digest(unwrap_model(eng.model))] * eng.world_size
     if dist.is_initialized():
