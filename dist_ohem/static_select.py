@@ -15,7 +15,8 @@ The algorithm is a radix search on sorted keys:
    sorted keys, all-reduces these counts and keeps the highest part that still holds
    ``m`` keys: 3 rounds for 32-bit keys, 6 for 64-bit ones;
 3. one all-gather of every rank's count above ``k*`` and of its ties hands the remaining
-   ``m - #(key > k*)`` slots to the ties in global index order.
+   ``m - #(key > k*)`` slots to the ties in global index order (with one rank, no
+   all-gather: they go to the first ties).
 
 With one rank the m-th largest key is read off the sorted keys by index instead (no
 rounds). Bytes per call are independent of the number of keys; the sort is the cost.
@@ -84,7 +85,7 @@ def static_select(
         kth_key = _kth_largest_sorted(ordered, m)
     else:
         kth_key = _kth_largest_by_rounds(ordered, m, group)
-    return _hand_out_ties(keys, ordered, kth_key, m, group, world_size, rank)
+    return _hand_out_ties(keys, kth_key, m, group, world_size, rank)
 
 
 def _kth_largest_sorted(ordered: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -125,7 +126,6 @@ def _kth_largest_by_rounds(
 
 def _hand_out_ties(
     keys: torch.Tensor,
-    ordered: torch.Tensor,
     kth_key: torch.Tensor,
     m: torch.Tensor,
     group: dist.ProcessGroup | None,
@@ -133,15 +133,16 @@ def _hand_out_ties(
     rank: int,
 ) -> DeviceKSelection:
     """Pick every key above ``kth_key`` and the first ties in global index order."""
-    bounds = kth_key.view(1).to(ordered.dtype)
-    at_most = torch.searchsorted(ordered, bounds, right=True)
-    below = torch.searchsorted(ordered, bounds)
-    counts = torch.cat([ordered.numel() - at_most, at_most - below])  # above, ties
-    rows = counts.unsqueeze(0) if world_size == 1 else comm.all_gather_equal(counts, group)
-    above_per_rank, ties_per_rank = rows[:, 0], rows[:, 1]
-    still_needed = m - above_per_rank.sum()
-    ties_before = ties_per_rank.cumsum(0) - ties_per_rank
-    taken = (still_needed - ties_before).clamp(min=0).minimum(ties_per_rank)
-    is_tie = keys == kth_key.to(keys.dtype)
-    picked = (keys > kth_key.to(keys.dtype)) | (is_tie & (is_tie.cumsum(0) <= taken[rank]))
-    return DeviceKSelection(picked, above_per_rank + taken, kth_key)
+    kth = kth_key.to(keys.dtype)
+    above, is_tie = keys > kth, keys == kth
+    if world_size == 1:
+        taken_here, per_rank = m - above.sum(), m.view(1)
+    else:
+        counts = comm.all_gather_equal(torch.stack([above.sum(), is_tie.sum()]), group)
+        above_per_rank, ties_per_rank = counts[:, 0], counts[:, 1]
+        ties_before = ties_per_rank.cumsum(0) - ties_per_rank
+        still_needed = m - above_per_rank.sum()
+        taken = (still_needed - ties_before).clamp(min=0).minimum(ties_per_rank)
+        taken_here, per_rank = taken[rank], above_per_rank + taken
+    picked = above | (is_tie & (is_tie.cumsum(0) <= taken_here))
+    return DeviceKSelection(picked, per_rank, kth_key)

@@ -9,6 +9,7 @@ radix, zero-width key ranges.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_ohem import HardExampleSelector, SelectionRule, comm, kselect, select_mask
+from dist_ohem import HardExampleSelector, SelectionRule, comm, kselect, select_mask, static_select
 from dist_ohem.comm import all_gather_equal, get_rank
 from dist_ohem.selection import KEY_SENTINEL, hardness_key, top_m_mask
 from tests.parity import rank_slice
@@ -335,3 +336,28 @@ def test_nan_where_invalid_does_not_raise(ranks):
     for mask, num_valid in ranks.run(2, nan_at_invalid_positions_on_rank, timeout=30):
         assert mask.tolist() == [False, False, True, False]
         assert num_valid == 6
+
+
+@settings(max_examples=80, deadline=None)
+@given(batch=vectors(), data=st.data(), by_rounds=st.booleans())
+def test_static_select_matches_the_sort(batch, data, by_rounds):
+    """The read-free k-selection: the sorted keys read by index (one rank), or the radix
+    rounds on them (what several ranks run; with one rank their sums are local)."""
+    values, candidate = batch
+    num_candidates = values.numel() if candidate is None else int(candidate.sum())
+    m = data.draw(st.integers(0, num_candidates))
+    keys = hardness_key(values)
+    if m:
+        expected_mask, expected_kth = reference(values, candidate, m)
+    else:
+        expected_mask, expected_kth = torch.zeros(values.numel(), dtype=torch.bool), None
+    rounds = static_select._kth_largest_by_rounds
+    direct = mock.patch.object(
+        static_select, "_kth_largest_sorted", lambda o, k: rounds(o, k, None)
+    )
+    with direct if by_rounds else contextlib.nullcontext():
+        result = static_select.static_select(keys, candidate, torch.tensor(m), None, 1, 0)
+    assert torch.equal(result.picked, expected_mask)
+    assert result.per_rank.tolist() == [m]
+    if m:
+        assert int(result.kth_key) == expected_kth

@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dist_ohem import (
@@ -224,3 +224,16 @@ def test_threshold_compares_exact_values_not_the_threshold_rounded_to_float32():
     assert select_mask(losses, SelectionRule(loss_thresh=1e-30)).tolist() == [True, False]
     result = HardExampleSelector(loss_thresh=1e-30)(losses)
     assert result.mask.tolist() == [True, False]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    factor=st.floats(0.0, 1.0, exclude_min=True) | st.sampled_from([0.1, 0.3, 1 / 3, 0.7]),
+    count=st.integers(0, 2**40),
+)
+def test_exact_ceil_and_floor_on_the_device_equal_the_host(factor, count):
+    """M is computed on the device by the same IEEE operations: the same integers."""
+    product = factor * count
+    on_device = torch.tensor(count).double() * factor
+    assert int(exact_ceil(on_device)) == exact_ceil(product)
+    assert int(exact_floor(on_device)) == exact_floor(product)
