@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dist_ohem import comm, kselect
+from dist_ohem import bracket, comm, kselect
 from dist_ohem.local_batch import (
     ABOVE,
     CANDIDATES,
@@ -145,7 +145,7 @@ class HostPath:
         if payload.kind == "keys" and fits and batch.losses.numel() <= payload.capacity:
             keys = kselect.pad_keys(batch.keys, batch.candidate, payload.capacity)
         elif payload.kind == "sample" and fits:
-            keys = kselect.draw_sample(batch.losses, batch.candidate, payload.capacity)
+            keys = bracket.draw_sample(batch.losses, batch.candidate, payload.capacity)
         else:  # the rows tell every rank that this payload is unusable
             return batch.losses.new_zeros(payload.words, dtype=torch.int64)
         return keys.view(torch.int64)
@@ -172,7 +172,7 @@ class HostPath:
         if strategy == "gather":
             return _Payload("keys", _round_up_capacity(max(row[NUMEL] for row in rows)), key_dtype)
         if strategy == "bracket":
-            return _Payload("sample", kselect.SAMPLE_SIZE, key_dtype)
+            return _Payload("sample", bracket.SAMPLE_SIZE, key_dtype)
         return None
 
     def _usable_payload(self, payload: _Payload | None, rows: list[list[int]]) -> _Payload | None:
@@ -226,7 +226,7 @@ class HostPath:
         else:
             keys, values = None, batch.losses
         if strategy == "bracket":
-            selection = kselect.bracket_select(
+            selection = bracket.bracket_select(
                 values,
                 batch.candidate,
                 num_to_select,

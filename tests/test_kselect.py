@@ -22,7 +22,15 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_ohem import HardExampleSelector, SelectionRule, comm, kselect, select_mask, static_select
+from dist_ohem import (
+    HardExampleSelector,
+    SelectionRule,
+    bracket,
+    comm,
+    kselect,
+    select_mask,
+    static_select,
+)
 from dist_ohem.comm import all_gather_equal, get_rank
 from dist_ohem.selection import KEY_SENTINEL, hardness_key, top_m_mask
 from tests.parity import rank_slice
@@ -45,14 +53,14 @@ def small_constants(
         "BRACKET_CAPACITY_MARGINS",
         "_MARK_BLOCK",
     )
-    saved = [getattr(kselect, name) for name in names]
+    saved = [getattr(bracket, name) for name in names]
     for name, value in zip(names, (sample, bins, final_gather, capacity, block), strict=True):
-        setattr(kselect, name, value)
+        setattr(bracket, name, value)
     try:
         yield
     finally:
         for name, value in zip(names, saved, strict=True):
-            setattr(kselect, name, value)
+            setattr(bracket, name, value)
 
 
 @contextmanager
@@ -116,7 +124,7 @@ def test_single_rank_algorithms_match_the_sort(batch, data, numpy_path, capacity
         results = {
             "gather": kselect.gather_select(keys, candidate, m, 0, [n], None),
             "radix": kselect.radix_select(keys, candidate, m, 0, None),
-            "bracket": kselect.bracket_select(values, candidate, m, 0, [n], num_candidates, None),
+            "bracket": bracket.bracket_select(values, candidate, m, 0, [n], num_candidates, None),
         }
     for name, result in results.items():
         assert torch.equal(result.picked, expected_mask), name
@@ -155,10 +163,10 @@ def test_bracket_bounds_are_sampled_keys_or_extremes_and_ordered(batch, data):
     values, candidate = batch
     num_candidates = values.numel() if candidate is None else int(candidate.sum())
     m = data.draw(st.integers(1, num_candidates))
-    samples = kselect.draw_sample(values, candidate, 16).unsqueeze(0)
-    extremes = kselect.extreme_keys(values)
-    margin = kselect.bracket_margin([values.numel()], m, num_candidates, 16)
-    low, high = kselect.bracket_bounds(samples, [values.numel()], m, margin, extremes)
+    samples = bracket.draw_sample(values, candidate, 16).unsqueeze(0)
+    extremes = bracket.extreme_keys(values)
+    margin = bracket.bracket_margin([values.numel()], m, num_candidates, 16)
+    low, high = bracket.bracket_bounds(samples, [values.numel()], m, margin, extremes)
     allowed = set(samples.flatten().tolist()) - {KEY_SENTINEL[samples.dtype]}
     assert int(low) in allowed | {extremes[0]}
     assert int(high) in allowed | {extremes[1]}
@@ -170,7 +178,7 @@ def test_a_wrong_sample_misses_and_falls_back_to_radix():
     for fake in (torch.full((256,), 10.0), torch.full((256,), 990.0)):  # bracket far off
         samples = hardness_key(fake).unsqueeze(0)
         with mock.patch.object(kselect, "radix_select", wraps=kselect.radix_select) as radix:
-            result = kselect.bracket_select(values, None, 100, 0, [1000], 1000, None, samples)
+            result = bracket.bracket_select(values, None, 100, 0, [1000], 1000, None, samples)
         assert radix.call_count == 1
         assert result.picked.nonzero().squeeze(1).tolist() == list(range(900, 1000))
 
@@ -189,9 +197,9 @@ def bracket_on_rank(sizes, values, candidate, m, samples_from, numpy_path, capac
     with small_constants(capacity=capacity), patch:
         samples = None
         if samples_from is not None:
-            wrong = kselect.draw_sample(rank_slice(samples_from, sizes, rank), None)
+            wrong = bracket.draw_sample(rank_slice(samples_from, sizes, rank), None)
             samples = all_gather_equal(wrong.to(kselect.key_dtype_of(local)), None)
-        result = kselect.bracket_select(
+        result = bracket.bracket_select(
             local, local_candidate, m, rank, sizes, num_candidates, None, samples
         )
     return result.picked, result.per_rank, result.kth_key
@@ -319,9 +327,9 @@ def test_bracket_bytes_do_not_grow_with_the_number_of_losses(ranks):
     # Row + sample, histograms, final bin: three collectives in the steady state.
     assert small[0] == large[0] == 3
     # The final bin's gather varies a little with the data; the rest is fixed.
-    fixed = 8 * 11 + 4 * kselect.SAMPLE_SIZE + 8 * (kselect.BRACKET_BINS + 3)
+    fixed = 8 * 11 + 4 * bracket.SAMPLE_SIZE + 8 * (bracket.BRACKET_BINS + 3)
     for _, sent in (small, large):
-        assert fixed <= sent <= fixed + 4 * kselect.FINAL_BIN_GATHER_MAX
+        assert fixed <= sent <= fixed + 4 * bracket.FINAL_BIN_GATHER_MAX
     assert large[1] < 1.2 * small[1]
 
 
