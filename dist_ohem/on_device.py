@@ -63,40 +63,40 @@ def select_on_device(
     """
     world_size = rows.shape[0]
     counts = rows[:, 1:]
+    totals = counts.sum(0)
     agree = (counts[:, _AGREED] == counts[:1, _AGREED]).all()
-    device = batch.losses.device
     forced = counts[:, FORCED]
+    kth_key = None
     if scope == "all":
         per_rank = forced + counts[:, CANDIDATES]
         mask = batch.with_forced(batch.candidate_mask())
-        kth_key = None
     else:
         local = scope == "local"
-        totals = counts if local else counts.sum(0, keepdim=True)
+        source = counts if local else totals  # per rank, or the global counts
         to_select = (
             rule.num_candidates_to_select(
-                totals[:, VALID], totals[:, FORCED], totals[:, CANDIDATES], totals[:, ABOVE]
+                source[..., VALID], source[..., FORCED], source[..., CANDIDATES], source[..., ABOVE]
             )
-            .minimum(totals[:, CANDIDATES])
+            .minimum(source[..., CANDIDATES])
             .where(agree, 0)
         )
+        here = to_select[rank] if local else to_select
         keys = batch.keys if scope != "random" else _random_keys(batch, seed, call, counts, rank)
         chosen = static_select(
             keys,
             batch.candidate,
-            to_select[rank if local else 0],
+            here,
             None if local else group,
             1 if local else world_size,
             0 if local else rank,
         )
         per_rank = forced + (to_select if local else chosen.per_rank)
         mask = batch.with_forced(chosen.picked)
-        picked_any = to_select[rank if local else 0] > 0
-        kth_key = chosen.kth_key.where(picked_any, NO_KEY) if scope != "random" else None
-    totals = counts.sum(0)
-    packed = pack_counts(
-        totals[VALID], per_rank[rank], totals[NAN], totals[NUMEL], kth_key, per_rank, device
-    )
+        if scope != "random":
+            kth_key = chosen.kth_key.where(here > 0, NO_KEY)
+    if kth_key is None:
+        kth_key = totals.new_full((), NO_KEY)
+    packed = pack_counts(totals[VALID], totals[NAN], totals[NUMEL], kth_key, per_rank, rank)
     strategy = "none" if scope in ("all", "local") else "static"
     return SelectionResult(
         mask, packed, strategy=strategy, scope=scope, loss_dtype=batch.losses.dtype

@@ -34,37 +34,25 @@ class DeviceCounts:
 
 
 def pack_counts(
-    num_valid: torch.Tensor | int,
-    num_selected_local: torch.Tensor | int,
-    num_nan: torch.Tensor | int,
-    num_instances: torch.Tensor | int,
-    kth_key: torch.Tensor | int | None,
-    selected_per_rank: torch.Tensor | list[int],
-    device: torch.device,
+    num_valid: torch.Tensor,
+    num_nan: torch.Tensor,
+    num_instances: torch.Tensor,
+    kth_key: torch.Tensor,
+    selected_per_rank: torch.Tensor,
+    rank: int,
 ) -> torch.Tensor:
-    """The int64 vector a :class:`SelectionResult` reads from, built on ``device``.
-
-    Tensors stay where they are; Python ints are filled in on the device (a copy from
-    pageable host memory would wait for the device).
-    """
-    if not isinstance(selected_per_rank, torch.Tensor):
-        selected_per_rank = torch.tensor(selected_per_rank, dtype=torch.int64)
-    per_rank = selected_per_rank.to(device=device, dtype=torch.int64)
+    """The int64 vector a :class:`SelectionResult` reads from, from 0-dim int64 device
+    tensors (``kth_key``: ``NO_KEY`` for none) and the ``(W,)`` selected counts: three
+    operations on the device, nothing read."""
     head = [
         num_valid,
-        per_rank.sum(),
-        num_selected_local,
+        selected_per_rank.sum(),
+        selected_per_rank[rank],
         num_nan,
         num_instances,
-        NO_KEY if kth_key is None else kth_key,
+        kth_key,
     ]
-    head = [
-        value.to(torch.int64)
-        if isinstance(value, torch.Tensor)
-        else torch.full((), value, dtype=torch.int64, device=device)
-        for value in head
-    ]
-    return torch.cat([torch.stack(head), per_rank])
+    return torch.cat([torch.stack(head), selected_per_rank])
 
 
 def host_counts(
