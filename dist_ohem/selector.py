@@ -136,14 +136,14 @@ class HardExampleSelector:
         self.checking = check
         self.num_calls = 0
         # Set by the first call: whether the read-free path runs (an accelerator, or
-        # check="deferred"), on which device, and the agreed key dtype.
+        # check="deferred"), on which device; and once its eager check has passed, the
+        # agreed key dtype (the first call after a restore from a checkpoint agrees anew).
         self._on_device: bool | None = None
         self._device = torch.device("cpu")
         self._key_dtype = torch.int32
+        self._agreed = False
         self._deferred: _Deferred | None = None
-        # What the next call sends with its row, predicted from this call's rows (the
-        # same on every rank): its keys (gather) or its sample (bracket).
-        # Per call only the caller's settings are added (see _row).
+        # The config part of the fingerprint; per call only the caller's settings are added.
         self._config_repr = repr((self.rule, scope, strategy, nan, self.seed, check))
         self._host = HostPath(self.rule, scope, strategy, self.seed, group)
         # (repr of the last caller_config, fingerprint of it with the selector's config).
@@ -260,7 +260,7 @@ class HardExampleSelector:
             nan_policy = "ignore" if self._on_device else self.nan
             try:
                 batch = prepare(losses, valid, positive, self.rule, self.scope, nan_policy)
-                if self._on_device and self.num_calls > 1:
+                if self._on_device and self._agreed:
                     self._check_key_dtype(batch)
                 return batch, error
             except (TypeError, ValueError) as exc:
@@ -295,7 +295,7 @@ class HardExampleSelector:
         self, batch: LocalBatch, error: str | None, caller_config: object, kind: int
     ) -> SelectionResult:
         """Stages 2-5 on the device: no host read unless the checks are eager."""
-        first_call = kind == CALL and self.num_calls == 1
+        first_call = kind == CALL and not self._agreed
         if first_call:
             self._key_dtype = kselect.key_dtype_of(batch.losses)
         columns = row_columns(
@@ -308,6 +308,7 @@ class HardExampleSelector:
         rows = comm.gather_rows(columns, error, self.group, device=batch.losses.device)
         if first_call:  # agree on the key dtype before collectives that depend on it
             self._check_rows(rows.tolist(), error)
+            self._agreed = True
         result = select_on_device(
             batch,
             rows,

@@ -521,3 +521,15 @@ def deferred_clean_on_rank(losses: torch.Tensor) -> int:
 
 def test_deferred_check_without_a_fault_passes(ranks):
     assert ranks.run(3, deferred_clean_on_rank, torch.rand(5), timeout=TIMEOUT_S) == [8] * 3
+
+
+def test_deferred_selector_restored_from_a_checkpoint_agrees_anew():
+    """A restored call counter (launch/checkpoints.py) does not skip the eager first call
+    that agrees the key dtype: float64 losses keep working."""
+    selector = HardExampleSelector(keep=0.5, check="deferred")
+    selector.num_calls = 7
+    losses = torch.rand(10, dtype=torch.float64)
+    for _ in range(3):
+        mask = selector(losses).mask
+    selector.check()
+    assert torch.equal(mask, reference_mask({"keep": 0.5}, [10], losses, None, None))
