@@ -712,9 +712,20 @@ def run_budget(args: argparse.Namespace) -> None:
         "machine": args.machine,
         "load_1min_during": [min(loads), max(loads)] if loads else None,
         "runner": args.runner,
+        "runs_trained": len(loads),
+        "validated": bool(validation) and args.validate,
     }
+    # Every invocation that trained part of the grid (or validated it), with its load.
+    history = args.runs_dir / "invocations.jsonl"
+    if loads or meta["validated"]:
+        with history.open("a") as out:
+            out.write(json.dumps(meta) + "\n")
+    invocations = []
+    if history.exists():
+        invocations = [json.loads(line) for line in history.read_text().splitlines()]
     report = {
         "meta": meta,
+        "invocations": invocations,
         "keep": KEEP,
         "steps": args.steps,
         "seeds": seeds,
@@ -847,10 +858,8 @@ def render_budget(report: dict[str, Any]) -> str:
         f"- command: `{meta['command']}`",
         f"- date (UTC): {meta['date']}; torch {meta['torch']}; python {meta['python']}; "
         f"{meta['cores']} cores; git {meta['git']}; one thread",
-        f"- machine: {meta['machine']}; load average (1 min) {meta['load_start'][0]} at "
-        f"start, {meta['load_end'][0]} at end, {meta['load_1min_during']} (min, max) after "
-        f"each run; wall time {meta['wall_s'] / 60:.1f} min (this invocation only: the grid "
-        "is resumable and may have been trained over several)",
+        f"- machine: {meta['machine']}; the grid is resumable: the invocations that trained "
+        "it, with their load, are listed at the end",
         f"- runner: `{meta['runner']}`"
         + (
             " (launch/train.py's training replayed in one process, W ranks' slices, selector "
@@ -966,6 +975,44 @@ def render_budget(report: dict[str, Any]) -> str:
                     ]
                     for r in report["more_seeds"]
                     for m in METRICS[r["task"]]
+                ],
+            ),
+            "",
+        ]
+    if report.get("invocations"):
+        parts += [
+            "## Invocations",
+            "",
+            "Every invocation of `--budget` that wrote to this grid's run store, in order; load "
+            "average (1 min) at start, at end, and min-max after each of its runs (- where not "
+            "recorded). Wall-clock numbers in the tables (train s) depend on that load; the "
+            "quality numbers do not (the runs are deterministic).",
+            "",
+            markdown_table(
+                [
+                    "date (UTC, end)",
+                    "command",
+                    "git",
+                    "runs trained",
+                    "load start / end",
+                    "load during",
+                    "wall min",
+                ],
+                [
+                    [
+                        inv["date"],
+                        f"`{inv['command']}`",
+                        inv["git"],
+                        str(inv.get("runs_trained", "-")),
+                        "-"
+                        if inv.get("load_start") is None
+                        else f"{inv['load_start'][0]} / {inv['load_end'][0]}",
+                        "-"
+                        if not inv.get("load_1min_during")
+                        else "{:.2f}-{:.2f}".format(*inv["load_1min_during"]),
+                        f"{inv['wall_s'] / 60:.1f}",
+                    ]
+                    for inv in report["invocations"]
                 ],
             ),
             "",
