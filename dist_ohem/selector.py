@@ -234,13 +234,7 @@ class HardExampleSelector:
         if self._on_device:
             result = self._select_on_device(batch, error, caller_config, kind)
         else:
-            columns = row_columns(
-                batch,
-                self._fingerprint_of(caller_config),
-                torch.iinfo(kselect.key_dtype_of(batch.losses)).bits,
-                self.num_calls,
-            )
-            result = self._host.select(batch, error, columns, self.num_calls, self._check_header)
+            result = self._select_on_host(batch, error, caller_config)
         if isinstance(losses, torch.Tensor):
             shape = losses.shape
             result.mask = result.mask.reshape(shape) if error is None else _nothing_like(losses)
@@ -288,6 +282,18 @@ class HardExampleSelector:
             digest = hashlib.blake2b(fingerprint, digest_size=7).digest()
             self._fingerprint = (caller_repr, int.from_bytes(digest))
         return self._fingerprint[1]
+
+    def _select_on_host(
+        self, batch: LocalBatch, error: str | None, caller_config: object
+    ) -> SelectionResult:
+        """Stages 2-5 with the counts read at the exchange (:mod:`dist_ohem.on_host`)."""
+        columns = row_columns(
+            batch,
+            self._fingerprint_of(caller_config),
+            torch.iinfo(kselect.key_dtype_of(batch.losses)).bits,
+            self.num_calls,
+        )
+        return self._host.select(batch, error, columns, self.num_calls, self._check_header)
 
     # -- the read-free path -------------------------------------------------------------
 
