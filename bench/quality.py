@@ -30,6 +30,16 @@ over the seeds that reached it, and how many did is reported.
 Writes ``quality.json`` (every run's raw numbers and command line), ``quality.md`` and
 ``quality.png`` to ``bench/results/`` (``quality_quick.*`` with ``--quick``). Wall-clock
 numbers depend on the machine's load; the md records the load average.
+
+``--budget`` runs the per-rank budget study instead (when does global selection pay?):
+W=4 with per-rank batch n in {4, 8, 16, 64} and W=8 with n in {4, 8}, shardings iid,
+skewed and sources (launch/data.py), the four variants, ``--seeds`` seeds, both tasks,
+300 steps, final metrics. Its default runner replays launch/train.py's training in one
+process (``simulate``; ``--validate`` checks it against torchrun); each finished run is
+appended to ``runs/budget/budget.jsonl``, so an interrupted grid resumes where it stopped
+(``--report-only`` just reports). ``--shards`` / ``--variants`` / ``--tasks`` train part
+of the grid (more seeds of some cells). Writes ``budget.{json,md,png}``. About 30 min for
+the 720-run grid on 2 shared cores; docs/when_global_pays.md reads it.
 """
 
 from __future__ import annotations
