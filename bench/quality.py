@@ -475,6 +475,7 @@ VALIDATE = (
     ("digits", 4, 4, "skewed", "global"),
     ("digits", 4, 8, "sources", "local"),
     ("detection", 4, 16, "sources", "local"),
+    ("digits", 8, 4, "skewed", "local"),
 )
 
 
