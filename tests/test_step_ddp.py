@@ -348,3 +348,45 @@ def test_capacity_refuses_balance():
             balance=True,
             capacity_factor=1.25,
         )
+
+
+def tied_mlp() -> nn.Module:
+    """make_mlp with a zero last layer: every example's loss is log(4), all tied."""
+    model = make_mlp()
+    with torch.no_grad():
+        model[-1].weight.zero_()
+        model[-1].bias.zero_()
+    return model
+
+
+def tied_step_on_rank(sizes, capacity_factor):
+    rank = get_rank()
+    inputs, targets = (rank_slice(t, sizes, rank) for t in classification_batch(4, sum(sizes)))
+    model = tied_mlp()
+    out = ohem_step(
+        DDP(model),
+        inputs,
+        targets,
+        nn.CrossEntropyLoss(),
+        HardExampleSelector(keep=0.3),
+        capacity_factor=capacity_factor,
+    )
+    return [p.grad.clone() for p in model.parameters()], out.selection.mask.clone()
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_tied_losses_train_the_lowest_global_indices(ranks, capacity_factor):
+    """All losses equal: the selection is the first ceil(0.3 K) examples in global order
+    (rank 0's first), with capacity too (rank 0 then overflows its capacity)."""
+    sizes = [5, 7]
+    outputs = ranks.run(2, tied_step_on_rank, sizes, capacity_factor)
+    inputs, targets = classification_batch(4, sum(sizes))
+    model = tied_mlp()
+    losses = nn.functional.cross_entropy(model(inputs), targets, reduction="none")
+    assert len(set(losses.tolist())) == 1
+    mask = torch.zeros(sum(sizes), dtype=torch.bool)
+    mask[:4] = True  # ceil(0.3 * 12) = 4, ties to the lower global index
+    (losses[mask].sum() / 4).backward()
+    for rank, (grads, got_mask) in enumerate(outputs):
+        assert torch.equal(got_mask, rank_slice(mask, sizes, rank))
+        assert_close_grads(grads, [p.grad for p in model.parameters()], f"rank {rank}")
