@@ -390,7 +390,7 @@ def _score(
         if forwards_in_step:
             num_padding_chunks = most_chunks - num_scoring_chunks
     if input_error is not None:
-        return _failed(input_error, inputs, selector, caller_config)
+        return _failed(input_error, inputs, selector, caller_config, capacity_chunks or 0)
     scoring_error: Exception | None = None
     try:
         with torch.no_grad(), scoring_context(module, score_mode, inputs):
@@ -428,21 +428,26 @@ def _score(
             check_no_nan_scores(scores, example_valid)  # on a device: the selector's NaN flag
     except Exception as exc:  # noqa: BLE001 - re-raised on every rank by fail()
         message = f"the scoring pass raised {type(exc).__name__}: {exc}"
-        return _failed(message, inputs, selector, caller_config)
+        return _failed(message, inputs, selector, caller_config, capacity_chunks or 0)
     return _Scored(example_losses, scores, example_valid, capacity_chunks=capacity_chunks or 0)
 
 
 def _failed(
-    message: str, inputs: Batch, selector: HardExampleSelector, caller_config: tuple
+    message: str,
+    inputs: Batch,
+    selector: HardExampleSelector,
+    caller_config: tuple,
+    capacity_chunks: int,
 ) -> _Scored:
     """Join the selection with ``message``: raises on every rank with eager checks; with
-    deferred ones this rank goes on with nothing to train, and all raise at the next call."""
+    deferred ones this rank goes on with nothing to train (in as many capacity chunks as
+    the ranks agreed), and all raise at the next call."""
     leaves = batch_leaves(inputs)
     device = leaves[0].device if leaves else None
     like = torch.full((batch_size(inputs),), math.nan, device=device)
     selection = selector.fail(message, like, caller_config=caller_config)
     no_example = torch.zeros_like(like, dtype=torch.bool)
-    return _Scored(like, like, no_example, message, selection)
+    return _Scored(like, like, no_example, message, selection, capacity_chunks)
 
 
 def _agree_before_scoring(

@@ -533,3 +533,72 @@ def test_deferred_selector_restored_from_a_checkpoint_agrees_anew():
         mask = selector(losses).mask
     selector.check()
     assert torch.equal(mask, reference_mask({"keep": 0.5}, [10], losses, None, None))
+
+
+def deferred_capacity_failure_on_rank(
+    sizes: tuple[int, ...],
+) -> tuple[list, int, str | None]:
+    """Worker: two-pass with capacity in micro-batches, deferred checks; the odd rank's
+    ``score_fn`` raises at the second step. Returns that step's gradients and training
+    chunks, and the error of the third step."""
+    rank = get_rank()
+    inputs, labels = (rank_slice(t, list(sizes), rank) for t in global_batch(deferred(sizes)))
+    model = make_mlp()
+    # A buffer: DDP broadcasts it in every forward, so the ranks must run as many.
+    model.register_buffer("marker", torch.zeros(1))
+    ddp = DDP(model)
+    selector = HardExampleSelector(keep=0.5, check="deferred")
+    failing = [False]
+
+    def score_fn(example_losses: torch.Tensor, *_: object) -> torch.Tensor:
+        if failing[0]:
+            raise RuntimeError("the score model is broken")
+        return example_losses
+
+    def step() -> int:
+        return ohem_step(
+            ddp,
+            inputs,
+            labels,
+            coded_criterion,
+            selector,
+            score_fn=score_fn,
+            micro_batch_size=2,
+            capacity_factor=1.0,
+        ).num_chunks
+
+    step()
+    model.zero_grad()
+    failing[0] = rank == ODD_RANK
+    num_chunks = step()
+    failing[0] = False
+    grads = [p.grad.clone() for p in model.parameters()]
+    try:
+        step()
+    except DistributedInputError as exc:
+        return grads, num_chunks, str(exc)
+    return grads, num_chunks, None
+
+
+def test_deferred_failure_under_capacity_micro_batches_keeps_the_chunk_count(ranks):
+    """A rank whose scoring pass fails trains as many capacity chunks as the ranks agreed
+    before scoring (rank 1's 3, not rank 0's 2), at weight 0: DDP's buffer broadcast in
+    every forward stays paired, the step ends everywhere and equals the reference without
+    its examples; every rank raises at the next step."""
+    sizes = (6, 9)
+    outcomes = ranks.run(2, deferred_capacity_failure_on_rank, sizes, timeout=TIMEOUT_S)
+    assert [num_chunks for _, num_chunks, _ in outcomes] == [3, 3]
+    errors = [error for _, _, error in outcomes]
+    assert errors[0] is not None and errors[0] == errors[1], errors
+    assert "the score model is broken" in errors[0]
+    inputs, labels = global_batch(deferred(sizes))
+    model = make_mlp()
+    with torch.no_grad():
+        losses = coded_criterion(model(inputs), labels)
+    usable = torch.zeros(sum(sizes), dtype=torch.bool)
+    usable[: sizes[0]] = True
+    mask = select_mask_of(losses, usable)
+    (coded_criterion(model(inputs[mask]), labels[mask]).sum() / int(mask.sum())).backward()
+    for grads, _, _ in outcomes:
+        for got, parameter in zip(grads, model.parameters(), strict=True):
+            assert (got - parameter.grad).abs().max().item() <= TOLERANCE
