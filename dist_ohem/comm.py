@@ -33,6 +33,7 @@ __all__ = [
     "get_world_size",
     "is_distributed",
     "log_rank0",
+    "raise_flagged",
     "raise_together",
     "to_device",
 ]
@@ -104,10 +105,17 @@ def exchange_rank_rows(
     width = rows.shape[1] if listed is None else 1 + listed
     # One device-to-host copy; on CPU through numpy, whose tolist is several times faster.
     head = (rows.numpy() if _numpy is not None and rows.device.type == "cpu" else rows)[:, :width]
-    head = head.tolist()
-    if any(head_row[0] for head_row in head):
+    return raise_flagged(head.tolist(), error, group), rows[:, 1:]
+
+
+def raise_flagged(
+    rows: list[list[int]], error: str | None, group: dist.ProcessGroup | None = None
+) -> list[list[int]]:
+    """``rows`` read from :func:`gather_rows` without their flag column; first, if any
+    rank flagged an error, every rank raises all messages (:func:`raise_together`)."""
+    if any(row[0] for row in rows):
         raise_together(error, group)
-    return [head_row[1:] for head_row in head], rows[:, 1:]
+    return [row[1:] for row in rows]
 
 
 def gather_rows(
@@ -123,7 +131,7 @@ def gather_rows(
     Returns the ``(W, 1 + len(columns) + len(payload))`` int64 rows on ``device``: column
     0 is each rank's error flag, then its columns and payload. Nothing is raised here;
     the caller reads the flags when it chooses (at once, or later through
-    :class:`LateRead`).
+    :class:`LateRead`), with :func:`raise_flagged`.
     """
     if device is None:
         device = torch.device("cpu") if payload is None else payload.device

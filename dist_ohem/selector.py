@@ -341,9 +341,7 @@ class HardExampleSelector:
 
     def _check_rows(self, rows: list[list[int]], error: str | None) -> None:
         """Raise on every rank (all read the same rows) if any rank's row says so."""
-        if any(row[0] for row in rows):
-            comm.raise_together(error, self.group)
-        header = [row[1:] for row in rows]
+        header = comm.raise_flagged(rows, error, self.group)
         own = header[comm.get_rank(self.group)]
         self._check_header(header, lambda: own[NAN])
 
@@ -351,7 +349,7 @@ class HardExampleSelector:
         self._check_ranks_agree(rows)
         self._check_nan(rows, count_own_nan)
 
-    # -- the host path ------------------------------------------------------------------
+    # -- the checks of both paths -------------------------------------------------------
 
     def _check_ranks_agree(self, rows: list[list[int]]) -> None:
         """Raise (identically on every rank: all see the same rows) if the ranks disagree."""
