@@ -115,6 +115,9 @@ def bracket_bounds(
     low_index = torch.searchsorted(at_or_above, m + margin)
     lowest, highest = extremes
     last = ordered.numel() - 1
+    # The sentinels (non-candidates) come last and weigh 0, so the search may stop on
+    # one: the bound is then the least sampled candidate, or the extreme if none.
+    high_index = high_index.minimum((ordered != sentinel).sum() - 1)
     high = torch.where(high_index >= 0, ordered[high_index.clamp(0, last)], highest)
     low_key = ordered[low_index.clamp(0, last)]
     low = torch.where((low_index <= last) & (low_key != sentinel), low_key, lowest)

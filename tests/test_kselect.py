@@ -173,6 +173,19 @@ def test_bracket_bounds_are_sampled_keys_or_extremes_and_ordered(batch, data):
     assert int(low) <= int(high)
 
 
+def test_a_sampled_sentinel_is_never_a_bound():
+    # CI's counterexample: 22 equal losses, 5 candidates, m = 5; the 16-key sample drew
+    # one candidate, and the upper bound landed on a sentinel, below the lower bound.
+    values = torch.zeros(22)
+    candidate = torch.zeros(22, dtype=torch.bool)
+    candidate[[2, 8, 15, 19, 21]] = True
+    samples = bracket.draw_sample(values, candidate, 16).unsqueeze(0)
+    assert int((samples != KEY_SENTINEL[samples.dtype]).sum()) == 1
+    margin = bracket.bracket_margin([22], 5, 5, 16)
+    low, high = bracket.bracket_bounds(samples, [22], 5, margin, bracket.extreme_keys(values))
+    assert int(high) == int(hardness_key(torch.zeros(1))) and int(low) <= int(high)
+
+
 def test_a_wrong_sample_misses_and_falls_back_to_radix():
     values = torch.arange(1000.0)
     for fake in (torch.full((256,), 10.0), torch.full((256,), 990.0)):  # bracket far off
