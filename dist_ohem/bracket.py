@@ -16,14 +16,9 @@ import math
 import torch
 import torch.distributed as dist
 
-from dist_ohem import comm, kselect
+from dist_ohem import comm, kselect, numpy_host
 from dist_ohem.kselect import KSelection
 from dist_ohem.selection import KEY_SENTINEL
-
-try:
-    import numpy as _numpy
-except ImportError:  # optional: the torch path computes the same, slower on CPU
-    _numpy = None
 
 __all__ = [
     "BRACKET_BINS",
@@ -251,7 +246,7 @@ def _mark_bracket(
     in index order, then zeros; truncated when there are more): no host sync.
     """
     low_value, high_value = (_key_to_value(key, values.dtype) for key in (low, high))
-    if kselect.on_numpy(values):
+    if numpy_host.on_numpy(values):
         return _mark_bracket_numpy(
             values.numpy(),
             None if candidate is None else candidate.numpy(),
@@ -268,21 +263,22 @@ def _mark_bracket(
 
 def _mark_bracket_numpy(array, candidate, low: float, high: float):
     """:func:`_mark_bracket` on numpy arrays, block by block so each block is read once."""
-    low, high = _numpy.array([low, high], dtype=array.dtype)
-    at_least_low = _numpy.empty(array.size, dtype=bool)
-    in_bracket = _numpy.empty(min(array.size, _MARK_BLOCK), dtype=bool)
+    np = numpy_host.np
+    low, high = np.array([low, high], dtype=array.dtype)
+    at_least_low = np.empty(array.size, dtype=bool)
+    in_bracket = np.empty(min(array.size, _MARK_BLOCK), dtype=bool)
     inside, count = [], 0
     for start in range(0, array.size, _MARK_BLOCK):
         block = array[start : start + _MARK_BLOCK]
         mark, bracket = at_least_low[start : start + block.size], in_bracket[: block.size]
-        _numpy.greater_equal(block, low, out=mark)
+        np.greater_equal(block, low, out=mark)
         if candidate is not None:
-            _numpy.logical_and(mark, candidate[start : start + block.size], out=mark)
-        count += _numpy.count_nonzero(mark)
-        _numpy.less_equal(block, high, out=bracket)
-        _numpy.logical_and(bracket, mark, out=bracket)
+            np.logical_and(mark, candidate[start : start + block.size], out=mark)
+        count += np.count_nonzero(mark)
+        np.less_equal(block, high, out=bracket)
+        np.logical_and(bracket, mark, out=bracket)
         inside.append(bracket.nonzero()[0] + start)
-    inside = _numpy.concatenate(inside) if inside else _numpy.zeros(0, dtype=_numpy.int64)
+    inside = np.concatenate(inside) if inside else np.zeros(0, dtype=np.int64)
     return torch.from_numpy(at_least_low), int(count), torch.from_numpy(inside), inside.size
 
 

@@ -14,10 +14,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-try:
-    import numpy as _numpy
-except ImportError:  # optional: CPU rows are then built and read with torch ops
-    _numpy = None
+from dist_ohem import numpy_host
 
 __all__ = [
     "DistributedInputError",
@@ -26,6 +23,7 @@ __all__ = [
     "all_gather_uneven",
     "all_reduce_max",
     "all_reduce_sum",
+    "all_reduce_sum_",
     "all_to_all_uneven",
     "exchange_rank_rows",
     "gather_rows",
@@ -104,7 +102,7 @@ def exchange_rank_rows(
     rows = gather_rows(columns, error, group, device=device, payload=payload)
     width = rows.shape[1] if listed is None else 1 + listed
     # One device-to-host copy; on CPU through numpy, whose tolist is several times faster.
-    head = (rows.numpy() if _numpy is not None and rows.device.type == "cpu" else rows)[:, :width]
+    head = (rows.numpy() if numpy_host.on_numpy(rows) else rows)[:, :width]
     return raise_flagged(head.tolist(), error, group), rows[:, 1:]
 
 
@@ -148,14 +146,16 @@ class LateRead:
     tensor is read directly; a meta tensor has no values, and reads as zeros.
     """
 
-    def __init__(self, tensor: torch.Tensor) -> None:
+    def __init__(self, tensor: torch.Tensor, device: torch.device | None = None) -> None:
+        """``device``: the tensor's, when the caller knows it (saves reading it)."""
         self._event = None
-        if tensor.device.type == "cuda":
+        device_type = (device or tensor.device).type
+        if device_type == "cuda":
             self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             self._host.copy_(tensor, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
-        elif tensor.device.type == "meta":
+        elif device_type == "meta":
             self._host = torch.zeros(tensor.shape, dtype=tensor.dtype)
         else:
             self._host = tensor
@@ -164,8 +164,7 @@ class LateRead:
         """The tensor's values as (nested) Python lists."""
         if self._event is not None:
             self._event.synchronize()
-        host = self._host if self._host.device.type == "cpu" else self._host.cpu()
-        return (host.numpy() if _numpy is not None else host).tolist()
+        return self._host.tolist()
 
 
 def _build_row(
@@ -177,8 +176,8 @@ def _build_row(
     """``[flag, *columns, *payload]`` as one int64 tensor on ``device``, without a host sync."""
     host = [flag] + [0 if isinstance(c, torch.Tensor) else c for c in columns]
     width = len(host) + (0 if payload is None else payload.numel())
-    if device.type == "cpu" and _numpy is not None:  # a few microseconds less per call
-        buffer = _numpy.empty(width, dtype=_numpy.int64)
+    if device.type == "cpu" and numpy_host.np is not None:  # a few microseconds less per call
+        buffer = numpy_host.np.empty(width, dtype=numpy_host.np.int64)
         buffer[: len(host)] = host
         if payload is not None:
             buffer[len(host) :] = payload.numpy()
@@ -210,12 +209,14 @@ def raise_together(error: str | None, group: dist.ProcessGroup | None = None) ->
 
 
 def all_gather_equal(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """``(W, *tensor.shape)``: every rank's ``tensor`` (same shape and dtype on all ranks)."""
+    """``(W, *tensor.shape)``: every rank's contiguous ``tensor`` (same shape and dtype on
+    all ranks)."""
     if not is_distributed(group):
         return tensor.unsqueeze(0)
-    gathered = tensor.new_empty((get_world_size(group) * tensor.shape[0], *tensor.shape[1:]))
+    world_size, shape = get_world_size(group), tensor.shape
+    gathered = tensor.new_empty((world_size * shape[0], *shape[1:]))  # gloo: concatenated
     _all_gather_concat(gathered, tensor, group)
-    return gathered.view(get_world_size(group), *tensor.shape)
+    return gathered.view(world_size, *shape)
 
 
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -231,6 +232,12 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None)
     if is_distributed(group):
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return total
+
+
+def all_reduce_sum_(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+    """Sum ``tensor`` over the ranks of ``group`` in place (a fresh tensor of the caller's)."""
+    if is_distributed(group):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
 
 
 def all_reduce_max(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -277,10 +284,11 @@ def all_gather_uneven(
 def _all_gather_concat(
     output: torch.Tensor, tensor: torch.Tensor, group: dist.ProcessGroup | None
 ) -> None:
-    """``output`` = the ranks' ``tensor`` concatenated along dim 0 (equal sizes on all ranks)."""
+    """``output`` = the ranks' contiguous ``tensor``, concatenated along dim 0 (equal sizes
+    on all ranks)."""
     # torch >= 2.10 names it all_gather_single and deprecates all_gather_into_tensor.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(output, tensor.contiguous(), group=group)
+    gather(output, tensor, group=group)
 
 
 def all_to_all_uneven(

@@ -11,25 +11,7 @@ from dist_ohem import kselect
 from dist_ohem.result import NO_KEY
 from dist_ohem.selection import SelectionRule
 
-__all__ = ["CALL", "CHECK", "HEADER", "LocalBatch", "empty_batch", "prepare", "row_columns"]
-
-# Columns of the per-rank row that every selector call exchanges (after comm's error flag).
-(
-    NUMEL,
-    VALID,
-    NAN,
-    FORCED,
-    CANDIDATES,
-    ABOVE,
-    MIN_ABOVE_KEY,
-    CONFIG,
-    KEY_BITS,
-    CALLS,
-    KIND,
-) = range(11)
-HEADER = 11
-#: What a row was sent by: a selector call, or ``HardExampleSelector.check``.
-CALL, CHECK = 0, 1
+__all__ = ["LocalBatch", "empty_batch", "prepare"]
 
 
 @dataclass
@@ -37,20 +19,27 @@ class LocalBatch:
     """This rank's flattened inputs and their counts, before any communication.
 
     Masks are None when trivially so (``candidate``: every instance; ``forced``,
-    ``above``: none) and counts are 0-dim tensors when the device holds them.
+    ``above``: none) and counts are 0-dim tensors when the device holds them. The
+    losses' shape (before flattening), dtype and device are read once, here.
     """
 
     losses: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
     candidate: torch.Tensor | None = None
     forced: torch.Tensor | None = None
     above: torch.Tensor | None = None
     num_valid: int | torch.Tensor = 0
     num_nan: int | torch.Tensor = 0
     num_forced: int | torch.Tensor = 0
-    num_candidates: int | torch.Tensor = 0
     num_above: int | torch.Tensor = 0
     min_above_key: int | torch.Tensor = NO_KEY
     valid: torch.Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
 
     @functools.cached_property
     def keys(self) -> torch.Tensor:
@@ -81,30 +70,33 @@ def prepare(
     Raises TypeError / ValueError for bad input; the selector reports it through the
     row exchange, so that every rank raises it.
     """
-    if not isinstance(losses, torch.Tensor) or not losses.is_floating_point():
+    dtype = losses.dtype if isinstance(losses, torch.Tensor) else None
+    if dtype is None or not dtype.is_floating_point:
         raise TypeError(
             "losses must be a floating-point tensor of per-instance losses, got "
-            f"{getattr(losses, 'dtype', type(losses).__name__)}"
+            f"{dtype or type(losses).__name__}"
         )
+    shape = losses.shape
     for name, extra in (("valid", valid), ("positive", positive)):
-        if extra is not None and tuple(extra.shape) != tuple(losses.shape):
+        if extra is not None and tuple(extra.shape) != tuple(shape):
             raise ValueError(
                 f"`{name}` has shape {tuple(extra.shape)} but losses have shape "
-                f"{tuple(losses.shape)}; pass one mask entry per loss"
+                f"{tuple(shape)}; pass one mask entry per loss"
             )
     if rule.needs_positive and positive is None and scope != "all":
         raise ValueError(
             "neg_pos_ratio needs `positive=`, a bool mask marking the positive instances"
         )
-    flat = losses.detach().reshape(-1)
-    batch = LocalBatch(losses=flat, num_valid=flat.numel())
+    flat = losses.detach() if len(shape) == 1 else losses.detach().reshape(-1)
+    numel = shape.numel()
+    batch = LocalBatch(flat, shape, dtype, losses.device, num_valid=numel)
     batch.valid = None if valid is None else valid.reshape(-1).to(torch.bool)
     usable = batch.valid
     if nan_policy == "raise":
         # A flag, not a count: NaN anywhere makes every rank raise after the exchange
         # (which counts them then). amax propagates NaN, one cheap reduction.
         if usable is None:
-            batch.num_nan = kselect.any_nan(flat) if flat.numel() else 0
+            batch.num_nan = kselect.any_nan(flat) if numel else 0
         else:
             batch.num_nan = (torch.isnan(flat) & usable).any()
     else:
@@ -116,13 +108,13 @@ def prepare(
     if rule.needs_positive and scope != "all":
         valid_mask = torch.ones_like(flat, dtype=torch.bool) if usable is None else usable
         batch.forced, batch.candidate = rule.split(valid_mask, positive.reshape(-1).to(torch.bool))
-        batch.num_forced, batch.num_candidates = batch.forced.sum(), batch.candidate.sum()
+        batch.num_forced = batch.forced.sum()
     else:
-        batch.candidate, batch.num_candidates = usable, batch.num_valid
+        batch.candidate = usable
     if rule.loss_thresh is not None and scope != "all":
         batch.above = rule.above_threshold(flat, batch.candidate_mask())
         batch.num_above = batch.above.sum()
-        if flat.numel():
+        if numel:
             batch.min_above_key = batch.keys.to(torch.int64).where(batch.above, NO_KEY).min()
     return batch
 
@@ -137,27 +129,10 @@ def empty_batch(losses: object) -> LocalBatch:
     empty = torch.zeros(0, dtype=torch.bool, device=device)
     return LocalBatch(
         losses=torch.zeros(0, dtype=loss_dtype, device=device),
+        shape=torch.Size([0]),
+        dtype=loss_dtype,
+        device=device,
         candidate=empty,
         forced=empty,
         above=empty,
     )
-
-
-def row_columns(
-    batch: LocalBatch, config: int, key_bits: int, calls: int, kind: int = CALL
-) -> list[int | torch.Tensor]:
-    """This rank's header row, in column order (device counts stay 0-dim tensors)."""
-    columns = {
-        NUMEL: batch.losses.numel(),
-        VALID: batch.num_valid,
-        NAN: batch.num_nan,
-        FORCED: batch.num_forced,
-        CANDIDATES: batch.num_candidates,
-        ABOVE: batch.num_above,
-        MIN_ABOVE_KEY: batch.min_above_key,
-        CONFIG: config,
-        KEY_BITS: key_bits,
-        CALLS: calls,
-        KIND: kind,
-    }
-    return [columns[column] for column in range(HEADER)]

@@ -1,112 +1,215 @@
-"""The selector's read-free stages (docs/DESIGN.md §13): from gathered rows to a result.
+"""The selector's read-free selection (docs/DESIGN.md §13): from a batch and its rows to a result.
 
 Everything data-dependent stays a device tensor: the global counts are sums of the
 gathered rows, M is computed from them by the rule on the device, the k-selection is
-:func:`dist_ohem.static_select.static_select`, and the result's counts are packed into
-one vector that :class:`dist_ohem.result.SelectionResult` reads back only when asked.
-The collectives depend only on the world size and on the key dtype agreed by earlier
-calls, never on the data, so a call whose input is bad on some rank still runs them all.
+:func:`dist_ohem.kselect.top_m_sorted`, and the result's counts are derived from them
+only when read. With one rank no row is needed: the counts are this rank's own, and M
+is looked up in a table of the rule evaluated once per batch size. The collectives
+depend only on the world size and on the key dtype agreed by earlier calls, never on
+the data, so a call whose input is bad on some rank still runs them all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
-from dist_ohem.local_batch import (
-    ABOVE,
-    CALLS,
-    CANDIDATES,
-    CONFIG,
-    FORCED,
-    KEY_BITS,
-    KIND,
-    NAN,
-    NUMEL,
-    VALID,
-    LocalBatch,
-)
+from dist_ohem import comm, kselect, row
+from dist_ohem.local_batch import LocalBatch
 from dist_ohem.result import NO_KEY, SelectionResult, pack_counts
-from dist_ohem.selection import SelectionRule, random_keys
-from dist_ohem.static_select import static_select
+from dist_ohem.selection import (
+    SelectionRule,
+    hardness_key_of,
+    key_dtype_for,
+    key_from_descending,
+    random_keys,
+)
 
-__all__ = ["select_on_device"]
+__all__ = ["DevicePath"]
 
-#: Columns on which every rank's row must equal rank 0's, adjacent in the row (a slice:
-#: indexing with a list would copy the index from the host).
-_AGREED = slice(CONFIG, KIND + 1)
-assert (KEY_BITS, CALLS) == (CONFIG + 1, CONFIG + 2) and KIND == CONFIG + 3
+#: Batch sizes up to which M is looked up in a table (8 MB of int64 at the largest).
+_TABLE_MAX_NUMEL = 1 << 20
 
 
-def select_on_device(
-    batch: LocalBatch,
-    rows: torch.Tensor,
-    *,
-    rule: SelectionRule,
-    scope: str,
-    seed: int,
-    call: int,
-    group: dist.ProcessGroup | None,
-    rank: int,
-) -> SelectionResult:
-    """Select from this rank's batch and the gathered rows, without a host read.
+class DevicePath:
+    """The read-free selection of one selector: its rule, scope and cached tables."""
 
-    Args:
-        batch: this rank's prepared batch; NaN losses are not candidates.
-        rows: ``(W, 1 + HEADER)`` int64 rows of every rank (error flag first).
-        call: the call number (``scope="random"`` draws from it).
+    def __init__(
+        self, rule: SelectionRule, scope: str, seed: int, group: dist.ProcessGroup | None
+    ) -> None:
+        self.rule = rule
+        self.scope = scope
+        self.seed = seed
+        self.group = group
+        self._cache: dict[tuple[str, int, torch.device], torch.Tensor] = {}
 
-    A rank that reported an error counts no instance, and when the ranks disagree on
-    the configuration, the key dtype, the call count or the kind of call, nothing is
-    selected anywhere: the call completes the same collectives on every rank and the
-    error is raised afterwards from the rows.
-    """
-    world_size = rows.shape[0]
-    counts = rows[:, 1:]
-    totals = counts.sum(0)
-    agree = (counts[:, _AGREED] == counts[:1, _AGREED]).all()
-    forced = counts[:, FORCED]
-    kth_key = None
-    if scope == "all":
-        per_rank = forced + counts[:, CANDIDATES]
-        mask = batch.with_forced(batch.candidate_mask())
-    else:
-        local = scope == "local"
-        source = counts if local else totals  # per rank, or the global counts
-        to_select = (
-            rule.num_candidates_to_select(
-                source[..., VALID], source[..., FORCED], source[..., CANDIDATES], source[..., ABOVE]
+    def select(
+        self, batch: LocalBatch, rows: torch.Tensor | None, agreement: int, call: int
+    ) -> SelectionResult:
+        """Select from this rank's batch and the gathered rows, without a host read.
+
+        Args:
+            batch: this rank's prepared batch; NaN losses are not candidates.
+            rows: ``(W, row.WIDTH)`` int64 rows of every rank, or None with one rank.
+            agreement: this rank's :func:`dist_ohem.row.agreement_hash` column.
+            call: the call number (``scope="random"`` draws from it).
+
+        A rank that reported an error counts no instance, and when the ranks disagree on
+        the configuration, the key dtype, the call count or the kind of call, nothing is
+        selected anywhere: the call completes the same collectives on every rank and the
+        error is raised afterwards from the rows.
+        """
+        counts = _Counts(batch, rows, self.group)
+        if self.scope == "all":
+            mask = batch.with_forced(batch.candidate_mask())
+            return self._result(mask, counts, lambda: counts.per_rank(row.VALID), None, batch)
+        local = self.scope == "local" or rows is None
+        m = self._num_to_select(counts, local, batch.numel)
+        if rows is not None:
+            m = m.where(counts.total(row.AGREE) == agreement * counts.world_size, 0)
+        world_size = 1 if local else counts.world_size
+        key_dtype = torch.int32 if self.scope == "random" else key_dtype_for(batch.dtype)
+        positions = self._cached("positions", batch.numel, batch.device)
+        ranked = self._ranked_keys(batch, counts, call, positions)
+        hard = kselect.hardness_sort(ranked, batch.candidate, key_dtype, positions, batch.device)
+        chosen = kselect.top_m_sorted(hard, m, self.group, world_size, counts.rank)
+
+        def per_rank() -> torch.Tensor:
+            if self.scope == "local" and rows is not None:  # every rank's own M
+                valid, forced, above = (rows[:, c] for c in (row.VALID, row.FORCED, row.ABOVE))
+                picked = self.rule.num_candidates_to_select(valid, forced, valid - forced, above)
+            else:
+                picked = chosen.per_rank
+            return counts.per_rank(row.FORCED) + picked
+
+        kth = None if self.scope == "random" else (chosen, m)
+        return self._result(batch.with_forced(chosen.picked), counts, per_rank, kth, batch)
+
+    def _num_to_select(self, counts: _Counts, local: bool, numel: int) -> torch.Tensor:
+        """M's candidates, from this rank's counts (``local``) or the global ones."""
+        valid, forced, above = (
+            counts.own(row.VALID) if local else counts.total(row.VALID),
+            counts.own(row.FORCED) if local else counts.total(row.FORCED),
+            counts.own(row.ABOVE) if local else counts.total(row.ABOVE),
+        )
+        rule = self.rule
+        if not local or numel > _TABLE_MAX_NUMEL:
+            candidates = valid - forced if rule.needs_positive else valid
+            return rule.num_candidates_to_select(valid, forced, candidates, above)
+        table = self._cached("table", numel, counts.device)
+        if rule.needs_positive:  # the table is indexed by P; clamp to the negatives
+            return table[forced].minimum(valid - forced)
+        m = table[valid]
+        return m.maximum(above) if rule.loss_thresh is not None else m
+
+    def _cached(self, what: str, numel: int, device: torch.device) -> torch.Tensor:
+        """``arange(numel)`` (``"positions"``) or :meth:`_table`, once per batch size."""
+        key = (what, numel, device)
+        if key not in self._cache:
+            if len(self._cache) >= 16:
+                self._cache.clear()
+            made = torch.arange(numel) if what == "positions" else self._table(numel)
+            self._cache[key] = made.to(device)
+        return self._cache[key]
+
+    def _table(self, numel: int) -> torch.Tensor:
+        """The rule evaluated at every count from 0 to ``numel``.
+
+        Indexed by the valid count K, or for ``neg_pos_ratio`` by the positives P (then
+        clamped to the negatives); for ``loss_thresh`` it holds ``min(K, min_kept)``, the
+        floor under the count above the threshold. The same IEEE operations as the rule
+        on scalars, so the same integers.
+        """
+        count = torch.arange(numel + 1)
+        if self.rule.needs_positive:
+            return self.rule.num_candidates_to_select(count, count, numel, 0)
+        return self.rule.num_candidates_to_select(count, 0, count, 0)
+
+    def _ranked_keys(
+        self, batch: LocalBatch, counts: _Counts, call: int, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """``~key`` of every instance: of its loss, or for ``scope="random"`` of its draw."""
+        if self.scope != "random":
+            return hardness_key_of(batch.losses, batch.dtype, descending=True)
+        return ~random_keys(positions + counts.offset(), self.seed, call)
+
+    def _result(
+        self,
+        mask: torch.Tensor,
+        counts: _Counts,
+        per_rank: Callable[[], torch.Tensor],
+        kth: tuple[kselect.SortedSelection, torch.Tensor] | None,
+        batch: LocalBatch,
+    ) -> SelectionResult:
+        """The result; its counts are packed when first read (:func:`pack_counts`)."""
+
+        def packed() -> torch.Tensor:
+            if kth is None:
+                kth_key = counts.device_scalar(NO_KEY)
+            else:
+                chosen, m = kth
+                kth_key = key_from_descending(chosen.kth_ranked).to(torch.int64)
+                kth_key = kth_key.where(m > 0, NO_KEY)
+            totals = (
+                counts.device_scalar(counts.total(c)) for c in (row.VALID, row.NAN, row.NUMEL)
             )
-            .minimum(source[..., CANDIDATES])
-            .where(agree, 0)
+            return pack_counts(*totals, kth_key, per_rank(), counts.rank)
+
+        strategy = "none" if self.scope in ("all", "local") else "static"
+        return SelectionResult(
+            mask, packed, strategy=strategy, scope=self.scope, loss_dtype=batch.dtype
         )
-        here = to_select[rank] if local else to_select
-        keys = batch.keys if scope != "random" else _random_keys(batch, seed, call, counts, rank)
-        chosen = static_select(
-            keys,
-            batch.candidate,
-            here,
-            None if local else group,
-            1 if local else world_size,
-            0 if local else rank,
-        )
-        per_rank = forced + (to_select if local else chosen.per_rank)
-        mask = batch.with_forced(chosen.picked)
-        if scope != "random":
-            kth_key = chosen.kth_key.where(here > 0, NO_KEY)
-    if kth_key is None:
-        kth_key = totals.new_full((), NO_KEY)
-    packed = pack_counts(totals[VALID], totals[NAN], totals[NUMEL], kth_key, per_rank, rank)
-    strategy = "none" if scope in ("all", "local") else "static"
-    return SelectionResult(
-        mask, packed, strategy=strategy, scope=scope, loss_dtype=batch.losses.dtype
-    )
 
 
-def _random_keys(
-    batch: LocalBatch, seed: int, call: int, counts: torch.Tensor, rank: int
-) -> torch.Tensor:
-    """``scope="random"``'s keys: a function of the global index of each instance."""
-    offset = counts[:rank, NUMEL].sum()
-    index = torch.arange(batch.losses.numel(), device=batch.losses.device) + offset
-    return random_keys(index, seed, call)
+class _Counts:
+    """The counts a selection needs: this rank's, every rank's and their totals.
+
+    From the gathered rows, or with one rank (no rows) from the batch itself; 0-dim
+    int64 tensors on the device (or Python ints), never read.
+    """
+
+    def __init__(self, batch: LocalBatch, rows: torch.Tensor | None, group: object) -> None:
+        self.batch, self.rows = batch, rows
+        self.rank = 0 if rows is None else comm.get_rank(group)
+        self.world_size = 1 if rows is None else comm.get_world_size(group)
+        self.device = batch.device
+        self._totals: tuple[torch.Tensor, ...] | None = None
+
+    def own(self, column: int) -> int | torch.Tensor:
+        if self.rows is not None:
+            return self.rows[self.rank, column]
+        return self._of_batch(column)
+
+    def total(self, column: int) -> int | torch.Tensor:
+        if self.rows is None:
+            return self._of_batch(column)
+        if self._totals is None:
+            self._totals = self.rows.sum(0).unbind()
+        return self._totals[column]
+
+    def per_rank(self, column: int) -> torch.Tensor:
+        """``(W,)``: the column of every rank."""
+        if self.rows is None:
+            return self.device_scalar(self._of_batch(column)).view(1)
+        return self.rows[:, column]
+
+    def offset(self) -> int | torch.Tensor:
+        """Instances on the ranks before this one: where its global indices start."""
+        return 0 if self.rows is None else self.rows[: self.rank, row.NUMEL].sum()
+
+    def device_scalar(self, value: int | torch.Tensor) -> torch.Tensor:
+        if isinstance(value, torch.Tensor):
+            return value
+        return torch.tensor(value, dtype=torch.int64, device=self.device)
+
+    def _of_batch(self, column: int) -> int | torch.Tensor:
+        batch = self.batch
+        return {
+            row.NUMEL: batch.numel,
+            row.VALID: batch.num_valid,
+            row.NAN: batch.num_nan,
+            row.FORCED: batch.num_forced,
+            row.ABOVE: batch.num_above,
+        }[column]

@@ -1,39 +1,29 @@
-"""The selector's stages 2-5 on the host path: the counts are read at the exchange.
+"""The selector's host-path selection: from a batch and its rows, read, to a result.
 
-Taken on CPU with eager checks, where reading a count costs nothing: the per-rank rows
-are read right after their all-gather, the number to select is computed in Python, and
-the k-selection is one of :mod:`dist_ohem.kselect`'s algorithms (gather, radix,
-bracket), skipped when the global counts already decide the mask (nothing to select,
-every candidate, or ``loss_thresh`` with at least ``min_kept`` losses above it). The row
-also carries what the k-selection will need when the previous call predicts it (the keys
-for ``gather``, a sample for ``bracket``), so a small batch needs this one collective.
+Taken on CPU with eager checks, where reading a count costs nothing: the selector reads
+the per-rank rows right after their all-gather, the number to select is computed in
+Python, and the k-selection is gather (small batches) or bracket (large ones, with
+radix as its fallback) from :mod:`dist_ohem.kselect`, skipped when the global counts
+already decide the mask (nothing to select, every candidate, or ``loss_thresh`` with at
+least ``min_kept`` losses above it). The row also carries what the k-selection will need
+when the previous call predicts it (the keys for gather, a sample for bracket): the
+:meth:`HostPath.payload`, so a small batch needs this one collective.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from dist_ohem import bracket, comm, kselect
-from dist_ohem.local_batch import (
-    ABOVE,
-    CANDIDATES,
-    FORCED,
-    HEADER,
-    KEY_BITS,
-    MIN_ABOVE_KEY,
-    NAN,
-    NUMEL,
-    VALID,
-    LocalBatch,
-)
+from dist_ohem.local_batch import LocalBatch
 from dist_ohem.result import NO_KEY, SelectionResult, host_counts
+from dist_ohem.row import ABOVE, FORCED, KEY_BITS, MIN_ABOVE_KEY, NAN, NUMEL, VALID, WIDTH
 from dist_ohem.selection import SelectionRule, random_keys, top_m_mask
 
-__all__ = ["AUTO_BRACKET_MIN_KEYS", "HostPath"]
+__all__ = ["AUTO_BRACKET_MIN_KEYS", "HostPath", "count_nan"]
 
 #: ``strategy="auto"`` uses bracket once the largest rank holds more than this many
 #: instances (valid or not), gather below. From ``bench/selection.py`` (gloo, 2 CPU
@@ -72,55 +62,43 @@ class HostPath:
         self.strategy = strategy
         self.seed = seed
         self.group = group
-        self.num_calls = 0
         # What the next call sends with its row, predicted from this call's rows (the
         # same on every rank): its keys (gather) or its sample (bracket).
         self._payload: _Payload | None = None
+        self._sent: _Payload | None = None
+
+    def payload(self, batch: LocalBatch) -> torch.Tensor | None:
+        """The int64 words this call sends with its row (every rank the same length)."""
+        self._sent = self._payload
+        return None if self._sent is None else self._payload_words(batch, self._sent)
 
     def select(
-        self,
-        batch: LocalBatch,
-        error: str | None,
-        columns: list[int | torch.Tensor],
-        call: int,
-        check: Callable[[list[list[int]], Callable[[], int]], None],
+        self, batch: LocalBatch, rows: list[list[int]], gathered: torch.Tensor, call: int
     ) -> SelectionResult:
-        """Stages 2-5: exchange (errors raise on every rank), then ``check(rows,
-        count_nan)`` (the selector's agreement and NaN checks), M, the k-selection."""
-        self.num_calls = call
-        payload = self._payload
-        rows, gathered = comm.exchange_rank_rows(
-            columns,
-            error,
-            self.group,
-            device=batch.losses.device,
-            payload=None if payload is None else self._payload_words(batch, payload),
-            listed=HEADER,
-        )
-        check(rows, lambda: _count_nan(batch))
+        """Select from this rank's batch and every rank's row, read (``rows``) and as
+        gathered (``gathered``: ``(W, WIDTH + payload)``, the payload after the row)."""
         rank = comm.get_rank(self.group)
         strategy = self._resolve_strategy(rows)
-        self._payload = self._next_payload(strategy, rows)
-
+        sent, self._payload = self._sent, self._next_payload(strategy, rows)
         kth_key = None
         if self.scope == "all":
             mask = batch.with_forced(batch.candidate_mask())
-            per_rank = [row[FORCED] + row[CANDIDATES] for row in rows]
+            per_rank = [row[VALID] for row in rows]
             strategy = "none"
         elif self.scope == "local":
-            picked_per_rank = [min(row[CANDIDATES], self._num_to_select(row)) for row in rows]
+            picked_per_rank = [min(_candidates(row), self._num_to_select(row)) for row in rows]
             picked = top_m_mask(batch.keys, batch.candidate_mask(), picked_per_rank[rank])
             mask = batch.with_forced(picked)
             per_rank = _add([row[FORCED] for row in rows], picked_per_rank)
             kth_key = int(batch.keys[picked].min()) if picked_per_rank[rank] else None
             strategy = "none"
         else:
-            usable = self._usable_payload(payload, rows)
+            usable = self._usable_payload(sent, rows)
             arrived = {}
             if usable is not None:
-                arrived[usable.kind] = gathered[:, HEADER:].view(usable.key_dtype)
+                arrived[usable.kind] = gathered[:, WIDTH:].view(usable.key_dtype)
             picked, picked_per_rank, kth_key = self._select_global(
-                batch, rows, rank, strategy, arrived
+                batch, rows, rank, strategy, arrived, call
             )
             mask = batch.with_forced(picked)
             per_rank = _add([row[FORCED] for row in rows], picked_per_rank)
@@ -153,7 +131,7 @@ class HostPath:
     def _num_to_select(self, row: list[int]) -> int:
         """Candidates to select given the counts of one row (or of the summed rows)."""
         return self.rule.num_candidates_to_select(
-            row[VALID], row[FORCED], row[CANDIDATES], row[ABOVE]
+            row[VALID], row[FORCED], _candidates(row), row[ABOVE]
         )
 
     # -- payload ------------------------------------------------------------------------
@@ -192,6 +170,7 @@ class HostPath:
         rank: int,
         strategy: str,
         arrived: dict[str, torch.Tensor],
+        call: int,
     ) -> tuple[torch.Tensor, list[int], int | None]:
         """Global top-m candidates.
 
@@ -205,12 +184,13 @@ class HostPath:
         """
         totals = [sum(column) for column in zip(*rows, strict=True)]
         num_to_select = self._num_to_select(totals)
+        num_candidates = _candidates(totals)
         numel_per_rank = [row[NUMEL] for row in rows]
         if num_to_select == 0:
             return torch.zeros_like(batch.losses, dtype=torch.bool), [0] * len(rows), None
-        if num_to_select >= totals[CANDIDATES]:
+        if num_to_select >= num_candidates:
             kth_key = self._global_min_key(batch) if self.scope == "global" else None
-            return batch.candidate_mask().clone(), [row[CANDIDATES] for row in rows], kth_key
+            return batch.candidate_mask().clone(), [_candidates(row) for row in rows], kth_key
         if self.scope == "global" and num_to_select == totals[ABOVE]:
             # Threshold rule with at least min_kept losses above t: the top m are exactly
             # those (none of them ties with a loss <= t), so no k-selection is needed.
@@ -222,7 +202,7 @@ class HostPath:
             global_index = torch.arange(
                 offset, offset + batch.losses.numel(), device=batch.losses.device
             )
-            keys = values = random_keys(global_index, self.seed, self.num_calls)
+            keys = values = random_keys(global_index, self.seed, call)
         else:
             keys, values = None, batch.losses
         if strategy == "bracket":
@@ -232,29 +212,21 @@ class HostPath:
                 num_to_select,
                 rank,
                 numel_per_rank,
-                totals[CANDIDATES],
+                num_candidates,
                 self.group,
                 samples=arrived.get("sample"),
             )
-        elif strategy == "gather" and "keys" in arrived:
+        elif "keys" in arrived:
             selection = kselect.select_gathered(
                 arrived["keys"], num_to_select, rank, numel_per_rank
             )
-        elif strategy == "gather":
+        else:
             selection = kselect.gather_select(
                 batch.keys if keys is None else keys,
                 batch.candidate,
                 num_to_select,
                 rank,
                 numel_per_rank,
-                self.group,
-            )
-        else:
-            selection = kselect.radix_select(
-                batch.keys if keys is None else keys,
-                batch.candidate,
-                num_to_select,
-                rank,
                 self.group,
             )
         return selection.picked, selection.per_rank, selection.kth_key
@@ -269,9 +241,15 @@ class HostPath:
         return min(row[0] for row in rows)
 
 
-def _count_nan(batch: LocalBatch) -> int:
+def count_nan(batch: LocalBatch) -> int:
+    """NaN losses among this rank's valid instances (read: for an error message)."""
     nan = torch.isnan(batch.losses)
     return int((nan if batch.valid is None else nan & batch.valid).sum())
+
+
+def _candidates(row: list[int]) -> int:
+    """The valid instances of a row (or of summed rows) that are not forced."""
+    return row[VALID] - row[FORCED]
 
 
 def _round_up_capacity(numel: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +89,7 @@ class SelectionResult:
             (no candidate selected, or scope ``"random"`` / ``"all"``).
         strategy: how the selection was reached: ``"gather"``, ``"radix"``,
             ``"bracket"`` (the host algorithms), ``"static"`` (the read-free algorithm of
-            :mod:`dist_ohem.static_select`, taken on accelerators and by
+            :func:`dist_ohem.kselect.top_m_sorted`, taken on accelerators and by
             ``check="deferred"``) or ``"none"`` (no exchange of losses: scope
             ``"local"`` / ``"all"``).
         scope: the selector's scope.
@@ -99,18 +100,20 @@ class SelectionResult:
     def __init__(
         self,
         mask: torch.Tensor,
-        counts: torch.Tensor | list[int],
+        counts: torch.Tensor | list[int] | Callable[[], torch.Tensor],
         *,
         strategy: str,
         scope: str,
         loss_dtype: torch.dtype,
     ) -> None:
-        """``counts`` from :func:`pack_counts` (a tensor) or :func:`host_counts` (a list)."""
+        """``counts`` from :func:`pack_counts` (a tensor, or a function computing it when
+        first needed) or :func:`host_counts` (a list)."""
         self.mask = mask
         self.strategy = strategy
         self.scope = scope
         on_host = isinstance(counts, list)
-        self._counts = None if on_host else counts
+        self._pack = counts if callable(counts) else None
+        self._counts = None if on_host or callable(counts) else counts
         self._host = counts if on_host else None
         self._loss_dtype = loss_dtype
 
@@ -124,16 +127,21 @@ class SelectionResult:
     @property
     def on_device(self) -> DeviceCounts:
         """The counts as tensors on the mask's device (no host read)."""
-        if self._counts is None:
-            self._counts = torch.tensor(self._host, dtype=torch.int64, device=self.mask.device)
-        c = self._counts
+        c = self._packed()
         return DeviceCounts(
             c[_VALID], c[_SELECTED], c[_LOCAL], c[_PER_RANK:], c[_NAN], c[_INSTANCES]
         )
 
+    def _packed(self) -> torch.Tensor:
+        if self._counts is None and self._pack is not None:
+            self._counts = self._pack()
+        elif self._counts is None:
+            self._counts = torch.tensor(self._host, dtype=torch.int64, device=self.mask.device)
+        return self._counts
+
     def _read(self) -> list[int]:
         if self._host is None:  # one device-to-host copy for every count
-            self._host = self._counts.tolist()
+            self._host = self._packed().tolist()
         return self._host
 
     @property

@@ -24,6 +24,8 @@ __all__ = [
     "exact_ceil",
     "exact_floor",
     "hardness_key",
+    "hardness_key_of",
+    "key_from_descending",
     "hardness_order",
     "key_to_loss",
     "kth_largest_key",
@@ -39,40 +41,30 @@ _INT_MAX = {torch.int32: 2**31 - 1, torch.int64: 2**63 - 1}
 KEY_SENTINEL = {torch.int32: -(2**31), torch.int64: -(2**63)}
 
 
-def _snap_to_int(x: float) -> int | None:
-    nearest = round(x)
-    # 1e-9 absolute, widened relative to |x| so that 0.1 * 10**8 is still exact.
-    if abs(x - nearest) <= _EXACT_TOL * max(1.0, abs(x)):
-        return int(nearest)
-    return None
-
-
-def _snap_or(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
-    """:func:`_snap_to_int` on a float64 tensor, ``rounded`` where it does not snap: the
-    same IEEE operations, so the same integers as on the host."""
-    nearest = x.round()  # half to even, like Python's round
-    snaps = (x - nearest).abs() <= _EXACT_TOL * x.abs().clamp(min=1.0)
-    return torch.where(snaps, nearest, rounded).to(torch.int64)
+def _slack(x: float | torch.Tensor) -> float | torch.Tensor:
+    """1e-9 absolute, widened relative to |x| so that 0.1 * 10**8 is still exact."""
+    if isinstance(x, torch.Tensor):
+        return x.abs().clamp(min=1.0) * _EXACT_TOL
+    return max(1.0, abs(x)) * _EXACT_TOL
 
 
 def exact_ceil(x: float | torch.Tensor) -> int | torch.Tensor:
     """``ceil(x)``, except that a value within 1e-9 (relative) of an integer is that integer.
 
-    ``exact_ceil(0.1 * 30) == 3`` although ``0.1 * 30 == 3.0000000000000004``. A float64
-    tensor gives an int64 tensor of the same values, computed on its device.
+    ``exact_ceil(0.1 * 30) == 3`` although ``0.1 * 30 == 3.0000000000000004``: computed
+    as ``ceil(x - 1e-9 * max(1, |x|))``. A float64 tensor gives an int64 tensor of the
+    same values, by the same IEEE operations on its device.
     """
     if isinstance(x, torch.Tensor):
-        return _snap_or(x, x.ceil())
-    snapped = _snap_to_int(x)
-    return snapped if snapped is not None else math.ceil(x)
+        return (x - _slack(x)).ceil().to(torch.int64)
+    return math.ceil(x - _slack(x))
 
 
 def exact_floor(x: float | torch.Tensor) -> int | torch.Tensor:
     """``floor(x)`` with the same snapping to nearby integers as :func:`exact_ceil`."""
     if isinstance(x, torch.Tensor):
-        return _snap_or(x, x.floor())
-    snapped = _snap_to_int(x)
-    return snapped if snapped is not None else math.floor(x)
+        return (x + _slack(x)).floor().to(torch.int64)
+    return math.floor(x + _slack(x))
 
 
 Count = int | torch.Tensor
@@ -114,11 +106,24 @@ def hardness_key(losses: torch.Tensor) -> torch.Tensor:
     """
     if not losses.is_floating_point():
         raise TypeError(f"losses must be a floating tensor, got {losses.dtype}")
-    if losses.dtype not in _INT_FOR_FLOAT:
-        losses = losses.float()
-    int_dtype = _INT_FOR_FLOAT[losses.dtype]
-    # "+ 0.0" turns -0.0 into +0.0 so that both share one key (and makes a fresh copy).
-    bits = (losses + 0.0).view(int_dtype)
+    return hardness_key_of(losses, losses.dtype)
+
+
+def hardness_key_of(
+    losses: torch.Tensor, loss_dtype: torch.dtype, *, descending: bool = False
+) -> torch.Tensor:
+    """:func:`hardness_key` of floating ``losses`` whose dtype the caller already holds.
+
+    ``descending=True`` gives the key of ``-loss`` instead: the same order reversed, one
+    operation cheaper than ``~key``, which it equals for every loss but the zeros (both
+    zeros get 0; no loss gets -1). :func:`key_from_descending` converts back.
+    """
+    if loss_dtype not in _INT_FOR_FLOAT:
+        losses, loss_dtype = losses.float(), torch.float32
+    int_dtype = _INT_FOR_FLOAT[loss_dtype]
+    # "0.0 +" and "0.0 -" turn -0.0 into +0.0, so that both zeros share one key (and make
+    # a fresh copy).
+    bits = ((0.0 - losses) if descending else (losses + 0.0)).view(int_dtype)
     # Non-negative floats already order as signed ints; negative floats order in
     # reverse, so flip all bits but the sign to reverse them back: the arithmetic shift
     # gives -1 for negatives, masked to INT_MAX, 0 otherwise.
@@ -126,6 +131,11 @@ def hardness_key(losses: torch.Tensor) -> torch.Tensor:
     flip &= _INT_MAX[int_dtype]
     bits ^= flip
     return bits
+
+
+def key_from_descending(descending: torch.Tensor) -> torch.Tensor:
+    """:func:`hardness_key` from the ``descending=True`` key of :func:`hardness_key_of`."""
+    return (~descending).where(descending != 0, 0)
 
 
 def key_to_loss(key: int, loss_dtype: torch.dtype) -> float:
@@ -276,7 +286,8 @@ class SelectionRule:
         their device without reading them (the same integers).
         """
         if self.keep is not None:
-            return _min(num_valid, _max(self.min_kept, exact_ceil(_scaled(self.keep, num_valid))))
+            ratio = exact_ceil(_scaled(self.keep, num_valid))  # <= K, as keep <= 1
+            return _min(num_valid, _max(self.min_kept, ratio)) if self.min_kept else ratio
         if self.top_k is not None:
             return _min(num_valid, max(self.min_kept, int(self.top_k)))
         if self.loss_thresh is not None:

@@ -1,69 +1,43 @@
-"""HardExampleSelector: a rule + scope + strategy, applied across the data-parallel group.
+"""HardExampleSelector: a rule + scope, applied across the data-parallel group.
 
 A call is a short pipeline, the same on every rank:
 
-1. **prepare**: local checks (shapes, types) and local counts, kept on the device;
-2. **exchange**: one all-gather of a per-rank row (sizes, counts, config fingerprint,
-   error and NaN flags). Any rank's error is raised identically on all ranks
-   (DESIGN.md §7): at once (``check="eager"``), or from a copy read at the next call or
-   at :meth:`HardExampleSelector.check` (``check="deferred"``);
-3. **decide M** from the global counts, identical everywhere;
-4. **select** the global top-M candidates;
-5. **result**: a :class:`SelectionResult` whose counts are read back only when asked.
+1. **prepare**: local checks (shapes, types) and local counts, kept on the device
+   (:func:`dist_ohem.local_batch.prepare`);
+2. **exchange**: one all-gather of a per-rank row (:mod:`dist_ohem.row`: sizes, counts,
+   config fingerprint, error and NaN flags). Any rank's error is raised identically on
+   all ranks (DESIGN.md §7): at once (``check="eager"``), or from a copy read at the
+   next call or at :meth:`HardExampleSelector.check` (``check="deferred"``);
+3. **select** the global top M, on the host or on the device;
+4. **result**: a :class:`SelectionResult` whose counts are read back only when asked.
 
-Two paths run these stages. On an accelerator (and with ``check="deferred"``) every
-stage stays on the device, with static shapes and no host read (:mod:`dist_ohem.on_device`
-and :mod:`dist_ohem.static_select`). On CPU with eager checks the counts are read at step
-2 and the k-selection is one of :mod:`dist_ohem.kselect`'s algorithms (gather, radix,
-bracket), which read what they need; the row then also carries what the k-selection will
-need when the previous call predicts it (the keys for ``gather``, a sample for
-``bracket``), so a small batch needs this one collective only, and stages 3-4 are
-skipped when the global counts already decide the mask.
+The selection runs on one of two paths. On an accelerator (and with
+``check="deferred"``) it stays on the device, with static shapes and no host read
+(:class:`dist_ohem.on_device.DevicePath`); with one rank it needs no row at all. On CPU
+with eager checks the rows are read at step 2 and the k-selection is gather or bracket
+(:class:`dist_ohem.on_host.HostPath`), which read what they need.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from dist_ohem import comm, kselect
-from dist_ohem.local_batch import (
-    CALL,
-    CALLS,
-    CHECK,
-    CONFIG,
-    KEY_BITS,
-    KIND,
-    NAN,
-    NUMEL,
-    LocalBatch,
-    empty_batch,
-    prepare,
-    row_columns,
-)
-from dist_ohem.on_device import select_on_device
-from dist_ohem.on_host import HostPath
+from dist_ohem import comm, row
+from dist_ohem.local_batch import LocalBatch, empty_batch, prepare
+from dist_ohem.on_device import DevicePath
+from dist_ohem.on_host import HostPath, count_nan
 from dist_ohem.result import SelectionResult
-from dist_ohem.selection import SelectionRule
+from dist_ohem.selection import SelectionRule, key_dtype_for
 
 __all__ = ["HardExampleSelector", "SelectionResult"]
 
 SCOPES = ("global", "local", "random", "all")
-STRATEGIES = ("gather", "radix", "bracket", "auto")
+STRATEGIES = ("auto", "gather", "bracket")
 NAN_POLICIES = ("raise", "ignore")
 CHECKS = ("auto", "eager", "deferred")
-
-
-@dataclass
-class _Deferred:
-    """A call's rows on their way to the host, checked at the next call or ``check()``."""
-
-    rows: comm.LateRead
-    error: str | None
 
 
 class HardExampleSelector:
@@ -77,8 +51,12 @@ class HardExampleSelector:
         neg_pos_ratio: SSD-style rule: every valid positive plus the hardest
             ``floor(neg_pos_ratio * P)`` negatives (``min_kept`` negatives when P = 0).
         scope: ``"global"`` (default), ``"local"``, ``"random"`` or ``"all"`` (DESIGN §3).
-        strategy: ``"gather"``, ``"radix"``, ``"bracket"`` or ``"auto"`` (DESIGN §5, and
-            :mod:`dist_ohem.kselect`); identical masks.
+        strategy: the k-selection of the host path (CPU with eager checks; DESIGN §5):
+            ``"gather"`` (default; all-gathers the keys, best up to ~1e5 instances per
+            rank), ``"bracket"`` (a sampled bracket, bytes independent of the batch; for
+            dense mining) or ``"auto"`` (gather or bracket by the largest rank's size).
+            Identical masks. On the device path (accelerators, ``check="deferred"``)
+            there is one algorithm and this setting has no effect.
         group: process group (None = default group; no group = single process).
         nan: ``"raise"`` (every rank raises) or ``"ignore"`` (NaN instances are invalid).
         seed: seed of ``scope="random"``; draws depend on (seed, call number, global index).
@@ -114,6 +92,11 @@ class HardExampleSelector:
         seed: int = 0,
         check: str = "auto",
     ) -> None:
+        if strategy == "radix":
+            raise ValueError(
+                "strategy='radix' was removed: it was never the fastest; use 'bracket' for "
+                "dense mining (it falls back to radix by itself) or 'auto'"
+            )
         _check_choice("scope", scope, SCOPES)
         _check_choice("check", check, CHECKS)
         _check_choice("strategy", strategy, STRATEGIES)
@@ -135,19 +118,23 @@ class HardExampleSelector:
         self.seed = int(seed)
         self.checking = check
         self.num_calls = 0
-        # Set by the first call: whether the read-free path runs (an accelerator, or
-        # check="deferred"), on which device; and once its eager check has passed, the
-        # agreed key dtype (the first call after a restore from a checkpoint agrees anew).
+        # Set by the first call: the path (the device path on an accelerator or with
+        # check="deferred") and its device; on the device path, once the eager first
+        # call has agreed it, the key dtype (a restore from a checkpoint agrees anew).
         self._on_device: bool | None = None
         self._device = torch.device("cpu")
-        self._key_dtype = torch.int32
-        self._agreed = False
-        self._deferred: _Deferred | None = None
-        # The config part of the fingerprint; per call only the caller's settings are added.
-        self._config_repr = repr((self.rule, scope, strategy, nan, self.seed, check))
+        self._key_dtype: torch.dtype | None = None
+        self._pending: row.Pending | None = None
+        # The device path's algorithm is the same whatever the strategy: not in its
+        # fingerprint, so ranks that differ only there agree.
+        self._fingerprints = {
+            on_device: row.Fingerprint(
+                repr((self.rule, scope, None if on_device else strategy, nan, self.seed, check))
+            )
+            for on_device in (False, True)
+        }
         self._host = HostPath(self.rule, scope, strategy, self.seed, group)
-        # (repr of the last caller_config, fingerprint of it with the selector's config).
-        self._fingerprint: tuple[str | None, int] = (None, 0)
+        self._device_path = DevicePath(self.rule, scope, self.seed, group)
 
     def __repr__(self) -> str:
         rule = {k: v for k, v in vars(self.rule).items() if v is not None and v != 0}
@@ -156,6 +143,8 @@ class HardExampleSelector:
             f"HardExampleSelector({args}, scope={self.scope!r}, strategy={self.strategy!r}, "
             f"nan={self.nan!r}, seed={self.seed}, check={self.checking!r})"
         )
+
+    # -- entry points -------------------------------------------------------------------
 
     def __call__(
         self,
@@ -172,7 +161,7 @@ class HardExampleSelector:
             valid: optional bool mask, same shape; False = ignored instance.
             positive: bool mask, same shape; required by ``neg_pos_ratio``.
             caller_config: settings of the calling code that must agree across ranks
-                (``ohem_step`` passes ``balance`` and ``score_mode``, ``OHEMLoss`` its
+                (``ohem_step`` passes its step configuration, ``OHEMLoss`` its
                 reduction); compared with the selector's own config, by its ``repr``.
 
         Returns:
@@ -182,7 +171,14 @@ class HardExampleSelector:
             comm.DistributedInputError (a ValueError) on every rank when any rank's
             input is bad or the ranks' selectors differ.
         """
-        return self._select(losses, valid, positive, None, caller_config)
+        self._begin_call(losses)
+        batch, error = self._prepare(losses, valid, positive)
+        result = self._select(batch, error, caller_config, row.CALL)
+        if error is not None:
+            result.mask = _nothing(losses)
+        elif len(batch.shape) != 1:
+            result.mask = result.mask.reshape(batch.shape)
+        return result
 
     def fail(
         self, message: str, like: torch.Tensor | None = None, *, caller_config: object = None
@@ -197,7 +193,11 @@ class HardExampleSelector:
         model); every rank raises at the next call or :meth:`check`. ``like`` gives the
         loss dtype and device (default: the first call's device, float32).
         """
-        return self._select(like, None, None, message, caller_config)
+        self._begin_call(like)
+        result = self._select(self._empty_batch(like), message, caller_config, row.CALL)
+        if like is not None:
+            result.mask = _nothing(like)
+        return result
 
     def check(self) -> None:
         """Raise, on every rank, any error that deferred checking still holds.
@@ -206,190 +206,146 @@ class HardExampleSelector:
         step (a no-op with eager checks). It also catches a rank that made one call
         fewer than the others, which the rows of the calls cannot show.
         """
-        self._raise_deferred()
+        self._raise_pending()
         if self._on_device and not self._eager():
-            self._select(None, None, None, None, None, kind=CHECK)
+            self._select(self._empty_batch(None), None, None, row.CHECK)
+
+    # -- stages -------------------------------------------------------------------------
+
+    def _begin_call(self, losses: object) -> None:
+        """Raise what the previous call left pending; fix the path at the first call."""
+        self._raise_pending()
+        self.num_calls += 1
+        if self._on_device is None:
+            self._device = getattr(losses, "device", self._device)
+            self._on_device = self._device.type != "cpu" or self.checking == "deferred"
+
+    def _prepare(
+        self, losses: torch.Tensor, valid: torch.Tensor | None, positive: torch.Tensor | None
+    ) -> tuple[LocalBatch, str | None]:
+        """This rank's batch, or an empty one and the reason it was rejected."""
+        # The device path treats NaN as invalid and reports it through the rows.
+        nan_policy = "ignore" if self._on_device else self.nan
+        try:
+            batch = prepare(losses, valid, positive, self.rule, self.scope, nan_policy)
+            if self._on_device and self._key_dtype is not None:
+                self._check_key_dtype(batch)
+        except (TypeError, ValueError) as exc:
+            return self._empty_batch(losses), str(exc)
+        return batch, None
+
+    def _select(
+        self, batch: LocalBatch, error: str | None, caller_config: object, kind: int
+    ) -> SelectionResult:
+        """Exchange, then the host or the device selection."""
+        if self._on_device:
+            return self._select_on_device(batch, error, caller_config, kind)
+        columns = self._columns(batch, caller_config, kind)
+        rows = row.gather(columns, error, self.group, batch.device, self._host.payload(batch))
+        listed = row.read(rows)
+        row.check(listed, error, self.nan, lambda: count_nan(batch), self.group)
+        return self._host.select(batch, listed, rows, self.num_calls)
+
+    def _select_on_device(
+        self, batch: LocalBatch, error: str | None, caller_config: object, kind: int
+    ) -> SelectionResult:
+        """The device selection; the rows are read only by an eager check."""
+        first_call = self._key_dtype is None
+        key_dtype = key_dtype_for(batch.dtype) if first_call else self._key_dtype
+        eager = first_call or kind == row.CHECK or self._eager()
+        columns = self._columns(batch, caller_config, kind, key_dtype)
+        rows = None
+        if eager or comm.is_distributed(self.group):
+            rows = row.gather(columns, error, self.group, batch.device)
+        if first_call:  # agree on the key dtype before collectives that depend on it
+            self._check(row.read(rows), error)
+            self._key_dtype = key_dtype
+        result = self._device_path.select(batch, rows, columns[row.AGREE - 1], self.num_calls)
+        # Checked after the selection's collectives, which every rank runs, so that a
+        # rank still in a call and one in check() part in step.
+        if eager and not first_call:
+            self._check(row.read(rows), error)
+        elif not eager:
+            self._pending = row.Pending(self._late_rows(rows, columns, error), error)
+        return result
+
+    # -- rows ---------------------------------------------------------------------------
+
+    def _columns(
+        self,
+        batch: LocalBatch,
+        caller_config: object,
+        kind: int,
+        key_dtype: torch.dtype | None = None,
+    ) -> list[int | torch.Tensor]:
+        """This rank's row after the flag, in :mod:`dist_ohem.row`'s column order."""
+        key_bits = torch.iinfo(key_dtype or key_dtype_for(batch.dtype)).bits
+        config = self._fingerprints[bool(self._on_device)](caller_config)
+        return [
+            batch.numel,
+            config,
+            key_bits,
+            self.num_calls,
+            kind,
+            row.agreement_hash(config, key_bits, self.num_calls, kind),
+            batch.num_valid,
+            batch.num_nan,
+            batch.num_forced,
+            batch.num_above,
+            batch.min_above_key,
+        ]
+
+    def _late_rows(
+        self, rows: torch.Tensor | None, columns: list[int | torch.Tensor], error: str | None
+    ) -> Callable[[], list[list[int]]]:
+        """What the pending check reads: the gathered rows on their way to the host, or
+        with one rank (no rows) this rank's row, whose NaN count is on its way."""
+        if rows is not None:
+            late = comm.LateRead(rows, self._device)
+            return lambda: row.read(late)
+        nan = columns[row.NAN - 1]
+        late_nan = comm.LateRead(nan, self._device) if isinstance(nan, torch.Tensor) else None
+        host = [int(error is not None), *(0 if isinstance(c, torch.Tensor) else c for c in columns)]
+
+        def read() -> list[list[int]]:
+            host[row.NAN] = nan if late_nan is None else late_nan.tolist()
+            return [host]
+
+        return read
+
+    def _raise_pending(self) -> None:
+        """Check the previous call's rows (deferred mode); every rank raises alike."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._check(pending.rows(), pending.error)
+
+    def _check(self, rows: list[list[int]], error: str | None) -> None:
+        own_nan = rows[comm.get_rank(self.group)][row.NAN]
+        row.check(rows, error, self.nan, lambda: own_nan, self.group)
+
+    def _check_key_dtype(self, batch: LocalBatch) -> None:
+        key_dtype = key_dtype_for(batch.dtype)
+        if key_dtype != self._key_dtype:
+            raise ValueError(
+                f"losses of dtype {batch.dtype} give {key_dtype} keys, but the first "
+                f"call agreed on {self._key_dtype} keys; use one loss dtype on all ranks "
+                "and calls (float64, or anything narrower)"
+            )
+
+    def _empty_batch(self, like: object) -> LocalBatch:
+        """A batch of no instances; on the device path of the agreed dtype and device."""
+        if self._on_device and self._key_dtype is not None:
+            loss_dtype = torch.float64 if self._key_dtype == torch.int64 else torch.float32
+            like = torch.empty(0, dtype=loss_dtype, device=self._device)
+        return empty_batch(like)
 
     def _eager(self) -> bool:
         if self.checking == "auto":
             return self._device.type == "cpu"
         return self.checking == "eager"
 
-    def _select(
-        self,
-        losses: torch.Tensor | None,
-        valid: torch.Tensor | None,
-        positive: torch.Tensor | None,
-        error: str | None,
-        caller_config: object,
-        kind: int = CALL,
-    ) -> SelectionResult:
-        self._raise_deferred()
-        if kind == CALL:
-            self.num_calls += 1
-        if self._on_device is None:
-            self._device = getattr(losses, "device", self._device)
-            self._on_device = self._device.type != "cpu" or self.checking == "deferred"
-        batch, error = self._prepare(losses, valid, positive, error, kind)
-        if self._on_device:
-            result = self._select_on_device(batch, error, caller_config, kind)
-        else:
-            result = self._select_on_host(batch, error, caller_config)
-        if isinstance(losses, torch.Tensor):
-            shape = losses.shape
-            result.mask = result.mask.reshape(shape) if error is None else _nothing_like(losses)
-        return result
 
-    def _prepare(
-        self,
-        losses: torch.Tensor | None,
-        valid: torch.Tensor | None,
-        positive: torch.Tensor | None,
-        error: str | None,
-        kind: int,
-    ) -> tuple[LocalBatch, str | None]:
-        """This rank's batch and its error (then an empty batch): stage 1."""
-        if error is None and kind == CALL:
-            # The read-free path treats NaN as invalid and reports it through the rows.
-            nan_policy = "ignore" if self._on_device else self.nan
-            try:
-                batch = prepare(losses, valid, positive, self.rule, self.scope, nan_policy)
-                if self._on_device and self._agreed:
-                    self._check_key_dtype(batch)
-                return batch, error
-            except (TypeError, ValueError) as exc:
-                error = str(exc)
-        like = losses
-        if self._on_device:  # the agreed key dtype and device, whatever this rank got
-            loss_dtype = torch.float64 if self._key_dtype == torch.int64 else torch.float32
-            like = torch.empty(0, dtype=loss_dtype, device=self._device)
-        return empty_batch(like), error
-
-    def _check_key_dtype(self, batch: LocalBatch) -> None:
-        key_dtype = kselect.key_dtype_of(batch.losses)
-        if key_dtype != self._key_dtype:
-            raise ValueError(
-                f"losses of dtype {batch.losses.dtype} give {key_dtype} keys, but the first "
-                f"call agreed on {self._key_dtype} keys; use one loss dtype on all ranks "
-                "and calls (float64, or anything narrower)"
-            )
-
-    def _fingerprint_of(self, caller_config: object) -> int:
-        """Hash of the selector's and the caller's configuration (cached per caller)."""
-        caller_repr = repr(caller_config)
-        if self._fingerprint[0] != caller_repr:  # hashed once per distinct caller config
-            fingerprint = f"{self._config_repr}|{caller_repr}".encode()
-            digest = hashlib.blake2b(fingerprint, digest_size=7).digest()
-            self._fingerprint = (caller_repr, int.from_bytes(digest))
-        return self._fingerprint[1]
-
-    def _select_on_host(
-        self, batch: LocalBatch, error: str | None, caller_config: object
-    ) -> SelectionResult:
-        """Stages 2-5 with the counts read at the exchange (:mod:`dist_ohem.on_host`)."""
-        columns = row_columns(
-            batch,
-            self._fingerprint_of(caller_config),
-            torch.iinfo(kselect.key_dtype_of(batch.losses)).bits,
-            self.num_calls,
-        )
-        return self._host.select(batch, error, columns, self.num_calls, self._check_header)
-
-    # -- the read-free path -------------------------------------------------------------
-
-    def _select_on_device(
-        self, batch: LocalBatch, error: str | None, caller_config: object, kind: int
-    ) -> SelectionResult:
-        """Stages 2-5 on the device: no host read unless the checks are eager."""
-        first_call = kind == CALL and not self._agreed
-        if first_call:
-            self._key_dtype = kselect.key_dtype_of(batch.losses)
-        columns = row_columns(
-            batch,
-            self._fingerprint_of(caller_config),
-            torch.iinfo(self._key_dtype).bits,
-            self.num_calls,
-            kind,
-        )
-        rows = comm.gather_rows(columns, error, self.group, device=batch.losses.device)
-        if first_call:  # agree on the key dtype before collectives that depend on it
-            self._check_rows(rows.tolist(), error)
-            self._agreed = True
-        result = select_on_device(
-            batch,
-            rows,
-            rule=self.rule,
-            scope=self.scope,
-            seed=self.seed,
-            call=self.num_calls,
-            group=self.group,
-            rank=comm.get_rank(self.group),
-        )
-        # Checked after the selection's collectives, which every rank runs, so that a
-        # rank still in a call and one in check() part in step.
-        if kind == CHECK or (self._eager() and not first_call):
-            self._check_rows(rows.tolist(), error)
-        elif not first_call:
-            self._deferred = _Deferred(comm.LateRead(rows), error)
-        return result
-
-    def _raise_deferred(self) -> None:
-        """Check the previous call's rows (deferred mode); every rank raises alike."""
-        deferred, self._deferred = self._deferred, None
-        if deferred is not None:
-            self._check_rows(deferred.rows.tolist(), deferred.error)
-
-    def _check_rows(self, rows: list[list[int]], error: str | None) -> None:
-        """Raise on every rank (all read the same rows) if any rank's row says so."""
-        header = comm.raise_flagged(rows, error, self.group)
-        own = header[comm.get_rank(self.group)]
-        self._check_header(header, lambda: own[NAN])
-
-    def _check_header(self, rows: list[list[int]], count_own_nan: Callable[[], int]) -> None:
-        self._check_ranks_agree(rows)
-        self._check_nan(rows, count_own_nan)
-
-    # -- the checks of both paths -------------------------------------------------------
-
-    def _check_ranks_agree(self, rows: list[list[int]]) -> None:
-        """Raise (identically on every rank: all see the same rows) if the ranks disagree."""
-        for column, what, fix in (
-            (
-                KIND,
-                "kind of call (a selector call vs. check())",
-                "a rank made one selector call fewer than the others: call the selector "
-                "once per step on every rank",
-            ),
-            (
-                CONFIG,
-                "selector configuration",
-                "build the selector (and ohem_step's balance and score_mode, or OHEMLoss's "
-                "reduction and ignore_index) from the same config on every rank",
-            ),
-            (KEY_BITS, "loss dtype (float64 vs. narrower)", "use one loss dtype on all ranks"),
-            (CALLS, "number of selector calls", "call the selector once per step on every rank"),
-        ):
-            differing = [r for r, row in enumerate(rows) if row[column] != rows[0][column]]
-            if differing:
-                raise comm.DistributedInputError(
-                    f"{what} differs between rank 0 and rank(s) {differing}; {fix}"
-                )
-
-    def _check_nan(self, rows: list[list[int]], count_own: Callable[[], int]) -> None:
-        """Under ``nan="raise"``, every rank raises when any rank flagged a NaN loss."""
-        if self.nan != "raise" or not any(row[NAN] for row in rows):
-            return
-        own = rows[comm.get_rank(self.group)]
-        error = None
-        if own[NAN]:
-            error = (
-                f"{count_own()} NaN loss(es) among {own[NUMEL]} instances; fix the "
-                "loss or pass nan='ignore' to treat NaN instances as invalid"
-            )
-        comm.raise_together(error, self.group)
-
-
-def _nothing_like(losses: torch.Tensor) -> torch.Tensor:
+def _nothing(losses: torch.Tensor) -> torch.Tensor:
     """The mask of a rank whose input was rejected: nothing selected."""
     return torch.zeros(losses.shape, dtype=torch.bool, device=losses.device)
 

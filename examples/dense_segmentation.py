@@ -4,8 +4,9 @@ OhemCrossEntropyLoss use it: every pixel whose true-class probability is below `
 (loss above ``-ln(thresh)``), but at least ``min_kept`` pixels; ``ignore_index=255``
 pixels never count. Here ``min_kept`` counts over the whole distributed batch, so the
 per-image budget of mmseg is multiplied by images per rank and ranks (README, "Dense
-mining"). Selection strategy ``radix``: the ranks exchange a few histograms, never the
-per-pixel losses.
+mining"). Selection strategy ``bracket``: a sample of every rank bounds the threshold and
+only the losses inside the bracket are resolved; the ranks never exchange the per-pixel
+losses.
 
 A tiny fully convolutional net on generated images: a noisy background (class 0) with a
 few random rectangles of classes 1..C-1, a 2-pixel ignore band around each rectangle.
@@ -102,7 +103,7 @@ def main() -> None:
         nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX),
         loss_thresh=-math.log(args.thresh),
         min_kept=min_kept,
-        strategy="radix",
+        strategy="bracket",
     )
     log.info(
         "world size %d, %d images of %dx%d per rank, loss_thresh %.4f, min_kept %d (global)",

@@ -45,7 +45,7 @@ class Config:
     loss_thresh: float = 0.5  # rule "loss_thresh": every loss above it, at least min_kept
     neg_pos_ratio: float = 3.0  # rule "neg_pos_ratio": positives (class != 0) + r x negatives
     min_kept: int = 0  # every rule keeps at least this many (over all ranks)
-    strategy: str = "gather"  # "gather", "radix", "bracket" or "auto"
+    strategy: str = "gather"  # "gather", "bracket" or "auto"
     nan: str = "raise"  # a NaN loss: "raise" on every rank, or "ignore" the instance
     balance: bool = False  # two_pass: every rank trains floor/ceil(M/W) examples
     score_mode: str = "no_grad_train"  # two_pass scoring pass: "no_grad_train" or "eval"

@@ -12,7 +12,7 @@ def test_dense_segmentation_example_under_torchrun(tmp_path: Path) -> None:
     assert result["world_size"] == 2
     assert len(result["steps"]) == 4
     for step in result["steps"]:
-        assert step["strategy"] == "radix"
+        assert step["strategy"] == "bracket"
         assert sum(step["selected_per_rank"]) == step["num_selected_global"]
         assert min(step["num_valid_global"], result["min_kept"]) <= step["num_selected_global"]
         assert step["num_selected_global"] <= step["num_valid_global"]

@@ -1,7 +1,7 @@
 """The fault matrix (docs/DESIGN.md §3, §4, §7): no hang, no lost step, in every mode and strategy.
 
 Modes: ``mask`` (OHEMLoss under DDP) and two-pass (``ohem_step`` under DDP, without and
-with ``balance``); strategies ``gather`` and ``radix``. Three families of cases:
+with ``balance``); strategies ``gather`` and ``bracket``. Three families of cases:
 
 - a fault on one rank: NaN losses (``nan="raise"`` and ``"ignore"``), +inf and -inf losses,
   and garbage (losses of the wrong shape or dtype, targets of the wrong length);
@@ -46,7 +46,7 @@ from tests.parity import (
 TOLERANCE = 1e-6
 TIMEOUT_S = 30
 MODES = ("mask", "two_pass", "two_pass_balanced")
-STRATEGIES = ("gather", "radix")
+STRATEGIES = ("gather", "bracket")
 CLEAN, NAN, POS_INF, NEG_INF = range(4)
 CODE_VALUES = {NAN: math.nan, POS_INF: math.inf, NEG_INF: -math.inf}
 #: The rank that gets the fault or the differing config, and its faulty local examples.
@@ -336,7 +336,7 @@ CONFIG_CHANGES = {
     "top_k": ({"top_k": 3}, {"top_k": 4}),
     "rule": ({"keep": 0.5}, {"keep": None, "top_k": 3}),
     "scope": ({"keep": 0.5}, {"scope": "local"}),
-    "strategy": ({"keep": 0.5}, {"strategy": "radix"}),
+    "strategy": ({"keep": 0.5}, {"strategy": "bracket"}),
     "nan": ({"keep": 0.5}, {"nan": "ignore"}),
     "min_kept": ({"keep": 0.5, "min_kept": 2}, {"min_kept": 3}),
     "seed": ({"keep": 0.5, "scope": "random", "seed": 1}, {"seed": 2}),

@@ -20,11 +20,11 @@ import torch
 
 from bench import host_syncs
 from bench.host_syncs import reads_of
-from dist_ohem import on_device
+from dist_ohem import kselect
 
 ROOT = Path(__file__).resolve().parents[1]
 META = torch.device("meta")
-STRATEGIES = ("gather", "bracket", "radix", "auto")
+STRATEGIES = ("gather", "bracket", "auto")
 RULES = (
     {"keep": 0.1},
     {"top_k": 7, "min_kept": 2},
@@ -75,13 +75,13 @@ def test_no_read_in_a_steady_state_call_four_ranks_fake_group():
 
 def test_a_read_put_back_is_caught():
     """The proof can fail: one ``.item()`` in the selection shows up as one read."""
-    original = on_device.static_select
+    original = kselect.top_m_sorted
 
-    def reading(keys, candidate, m, *args):
+    def reading(hard, m, *args):
         m.item()
-        return original(keys, candidate, m, *args)
+        return original(hard, m, *args)
 
-    with mock.patch.object(on_device, "static_select", reading):
+    with mock.patch.object(kselect, "top_m_sorted", reading):
         reads = []
         host_syncs.selector_reads(META, "gather", 256, lambda call: reads.extend(reads_of(call)))
     assert reads == ["item"]

@@ -26,13 +26,19 @@ from dist_ohem import (
     HardExampleSelector,
     SelectionRule,
     bracket,
-    comm,
     kselect,
+    numpy_host,
     select_mask,
-    static_select,
 )
 from dist_ohem.comm import all_gather_equal, get_rank
-from dist_ohem.selection import KEY_SENTINEL, hardness_key, top_m_mask
+from dist_ohem.selection import (
+    KEY_SENTINEL,
+    hardness_key,
+    hardness_key_of,
+    key_dtype_for,
+    key_from_descending,
+    top_m_mask,
+)
 from tests.parity import rank_slice
 
 SPECIAL = [0.0, -0.0, 1.0, 2.5, math.inf, -math.inf, 1e-30, -1e-30, 3.0e38]
@@ -66,7 +72,7 @@ def small_constants(
 @contextmanager
 def torch_ops_only() -> Iterator[None]:
     """Run kselect's passes and comm's rows with torch ops (the host path without numpy)."""
-    with mock.patch.object(kselect, "_numpy", None), mock.patch.object(comm, "_numpy", None):
+    with mock.patch.object(numpy_host, "np", None):
         yield
 
 
@@ -119,7 +125,7 @@ def test_single_rank_algorithms_match_the_sort(batch, data, numpy_path, capacity
     expected_mask, expected_kth = reference(values, candidate, m)
     keys = hardness_key(values)
     n = values.numel()
-    numpy_or_not = mock.patch.object(kselect, "_numpy", kselect._numpy if numpy_path else None)
+    numpy_or_not = mock.patch.object(numpy_host, "np", numpy_host.np if numpy_path else None)
     with small_constants(capacity=capacity), numpy_or_not:
         results = {
             "gather": kselect.gather_select(keys, candidate, m, 0, [n], None),
@@ -206,7 +212,7 @@ def bracket_on_rank(sizes, values, candidate, m, samples_from, numpy_path, capac
     local = rank_slice(values, sizes, rank)
     local_candidate = None if candidate is None else rank_slice(candidate, sizes, rank)
     num_candidates = values.numel() if candidate is None else int(candidate.sum())
-    patch = mock.patch.object(kselect, "_numpy", kselect._numpy if numpy_path else None)
+    patch = mock.patch.object(numpy_host, "np", numpy_host.np if numpy_path else None)
     with small_constants(capacity=capacity), patch:
         samples = None
         if samples_from is not None:
@@ -360,25 +366,44 @@ def test_nan_where_invalid_does_not_raise(ranks):
 
 
 @settings(max_examples=80, deadline=None)
-@given(batch=vectors(), data=st.data(), by_rounds=st.booleans())
-def test_static_select_matches_the_sort(batch, data, by_rounds):
-    """The read-free k-selection: the sorted keys read by index (one rank), or the radix
-    rounds on them (what several ranks run; with one rank their sums are local)."""
+@given(batch=vectors(), data=st.data())
+def test_sorted_select_matches_the_sort(batch, data):
+    """The device path's k-selection: the first m of the hardness order (one rank), and
+    the m-th key found by the radix rounds that several ranks run (their sums local)."""
     values, candidate = batch
     num_candidates = values.numel() if candidate is None else int(candidate.sum())
     m = data.draw(st.integers(0, num_candidates))
-    keys = hardness_key(values)
+    key_dtype = key_dtype_for(values.dtype)
+    ranked = hardness_key_of(values, values.dtype, descending=True)
+    positions = torch.arange(values.numel())
+    hard = kselect.hardness_sort(ranked, candidate, key_dtype, positions, positions.device)
+    result = kselect.top_m_sorted(hard, torch.tensor(m), None, 1, 0)
+    by_rounds = kselect._mth_smallest(hard, torch.tensor(m), None)
     if m:
         expected_mask, expected_kth = reference(values, candidate, m)
+        kth = (key_from_descending(k) for k in (result.kth_ranked, by_rounds))
+        assert [int(k) for k in kth] == [expected_kth] * 2
     else:
-        expected_mask, expected_kth = torch.zeros(values.numel(), dtype=torch.bool), None
-    rounds = static_select._kth_largest_by_rounds
-    direct = mock.patch.object(
-        static_select, "_kth_largest_sorted", lambda o, k: rounds(o, k, None)
-    )
-    with direct if by_rounds else contextlib.nullcontext():
-        result = static_select.static_select(keys, candidate, torch.tensor(m), None, 1, 0)
+        expected_mask = torch.zeros(values.numel(), dtype=torch.bool)
     assert torch.equal(result.picked, expected_mask)
     assert result.per_rank.tolist() == [m]
-    if m:
-        assert int(result.kth_key) == expected_kth
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    counts=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1, max_size=5),
+    data=st.data(),
+)
+def test_tie_shares_hand_ties_out_in_rank_order(counts, data):
+    """From every rank's above/tie counts (one row per rank): the ranks before take their
+    ties first, each rank at most all of its own."""
+    above = [a for a, _ in counts]
+    ties = [t for _, t in counts]
+    m = data.draw(st.integers(sum(above), sum(above) + sum(ties)))
+    gathered = torch.tensor([[a, a + t] for a, t in counts])
+    shares = kselect.shares_of(gathered, m, len(counts), torch.device("cpu"))
+    left, expected = m - sum(above), []
+    for a, t in counts:
+        expected.append(a + min(t, left))
+        left -= min(t, left)
+    assert shares.tolist() == expected

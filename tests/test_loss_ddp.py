@@ -94,7 +94,7 @@ RULES = [
     {"top_k": 5},
     {"loss_thresh": 1.4, "min_kept": 3},
     {"neg_pos_ratio": 1.0},
-    {"keep": 0.5, "strategy": "radix"},
+    {"keep": 0.5, "strategy": "bracket"},
 ]
 
 
@@ -129,11 +129,11 @@ def test_dense_per_pixel_ohem_with_ignore_index(ranks, world_size):
     sizes = [2] * (world_size - 1) + [1]
     for kwargs in (
         {"keep": 0.25, "min_kept": 10},
-        {"keep": 0.25, "strategy": "radix"},
+        {"keep": 0.25, "strategy": "bracket"},
         # mmseg / PaddleSeg style: every pixel with loss > t, at least min_kept of them;
         # first with enough pixels above t (the counts decide), then with too few (k-select).
-        {"loss_thresh": 1.5, "min_kept": 10, "strategy": "radix"},
-        {"loss_thresh": 1.8, "min_kept": 40, "strategy": "radix"},
+        {"loss_thresh": 1.5, "min_kept": 10, "strategy": "bracket"},
+        {"loss_thresh": 1.8, "min_kept": 40, "strategy": "bracket"},
     ):
         assert_parity(ranks, world_size, "dense", sizes, kwargs)
 

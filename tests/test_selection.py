@@ -114,7 +114,7 @@ def test_single_process_selector_matches_brute_force_for_both_strategies(batch, 
     expected = brute_force(
         losses.tolist(), valid.tolist(), positive.tolist(), kind, param, min_kept
     )
-    for strategy in ("gather", "radix", "bracket"):
+    for strategy in ("gather", "bracket"):
         selector = HardExampleSelector(
             **{kind: rule_obj.__getattribute__(kind)}, min_kept=min_kept, strategy=strategy
         )

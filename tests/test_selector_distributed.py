@@ -79,12 +79,10 @@ def select_on_rank(cases: list[Case]) -> list[tuple]:
     ("scope", "strategy"),
     [
         ("global", "gather"),
-        ("global", "radix"),
         ("global", "bracket"),
         ("global", "auto"),
         ("local", "gather"),
         ("random", "gather"),
-        ("random", "radix"),
         ("random", "bracket"),
         ("all", "gather"),
         ("global", "static"),
@@ -125,13 +123,13 @@ def strategies_agree_on_rank(seed: int, sizes: list[int], top_k: int) -> bool:
     local = rank_slice(losses, sizes, rank)
     masks = [
         HardExampleSelector(top_k=top_k, strategy=strategy)(local).mask
-        for strategy in ("gather", "radix", "bracket")
+        for strategy in ("gather", "bracket", "auto")
     ]
     return all(torch.equal(masks[0], mask) for mask in masks[1:])
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_gather_radix_and_bracket_masks_are_bit_identical(ranks, world_size):
+def test_gather_and_bracket_masks_are_bit_identical(ranks, world_size):
     sizes = [5000 + 997 * r for r in range(world_size)]
     for top_k in (1, 333, 4000, sum(sizes) - 1):
         assert all(ranks.run(world_size, strategies_agree_on_rank, 7, sizes, top_k))
@@ -154,12 +152,12 @@ def test_random_scope_is_same_draw_as_single_process_and_changes_per_call(ranks)
     assert not torch.equal(draws[0], draws[1])
 
 
-# -- gather vs radix vs bracket: property test over every rule -----------------------
+# -- gather vs bracket vs the device path: property test over every rule -----------------------
 
 #: Examples per world size: a twelfth of the profile's (25 under "ci", more under "heavy").
 STRATEGY_EXAMPLES = max(25, settings.default.max_examples // 12)
 SPECIAL = [0.0, -0.0, 1.0, 2.5, math.inf, -math.inf, 1e-30, -1e-30, 3.0e38]
-STRATEGY_NAMES = ("gather", "radix", "bracket")
+STRATEGY_NAMES = ("gather", "bracket")
 
 
 @st.composite
@@ -234,37 +232,41 @@ def test_strategies_are_bit_identical_for_every_rule(ranks, world_size):
 
 
 def collectives_on_rank(losses: torch.Tensor, kwargs: dict, positive=None) -> tuple:
-    """Worker: (all-reduce calls, all-gather calls, mask) of one radix selection."""
+    """Worker: (all-reduce calls, all-gather calls, mask) of a steady-state selection."""
     gather_name = next(
         name for name in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, name)
     )
+    selector = HardExampleSelector(**kwargs)
+    selector(losses, positive=positive)  # the first call agrees the config: eager
     with (
         mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as all_reduce,
         mock.patch.object(dist, gather_name, wraps=getattr(dist, gather_name)) as all_gather,
     ):
-        result = HardExampleSelector(**kwargs, strategy="radix")(losses, positive=positive)
+        result = selector(losses, positive=positive)
     return all_reduce.call_count, all_gather.call_count, result.mask
 
 
-def test_radix_collectives_per_rule(ranks):
-    """Threshold: the counts decide when >= min_kept losses are above t (no histogram);
-    otherwise, and for the other rules, 3 histogram all-reduces (32-bit keys) + 1 tie gather.
-    """
+def test_collectives_per_rule(ranks):
+    """The device path: rows, 3 rounds (32-bit keys), ties, whatever the rule. The host
+    path with gather: the row, its keys riding along; none more when the counts decide
+    (a threshold with >= min_kept losses above it)."""
     losses = torch.arange(100.0)
     positive = losses < 10
-    cases = [  # (kwargs, expected all-reduces, expected all-gathers: row + ties)
-        ({"loss_thresh": 49.5, "min_kept": 20}, 0, 1),  # 2 x 50 above t >= 20
-        ({"loss_thresh": 94.5, "min_kept": 20}, 3, 2),  # 2 x 5 above t < 20: k-select
-        ({"neg_pos_ratio": 3.0}, 3, 2),  # P = 20 from the row exchange; 60 of 180 negatives
-        ({"top_k": 7}, 3, 2),
+    rules = [
+        {"loss_thresh": 49.5, "min_kept": 20},  # 2 x 50 above t >= 20
+        {"loss_thresh": 94.5, "min_kept": 20},  # 2 x 5 above t < 20: k-select
+        {"neg_pos_ratio": 3.0},  # P = 20 from the row exchange; 60 of 180 negatives
+        {"top_k": 7},
     ]
-    for kwargs, reduces, gathers in cases:
-        per_rank = ranks.run(2, collectives_on_rank, losses, kwargs, positive, timeout=30)
-        expected = select_mask(
-            torch.cat([losses, losses]), SelectionRule(**kwargs), positive=positive.repeat(2)
-        )
-        assert torch.equal(torch.cat([per_rank[0][2], per_rank[1][2]]), expected), kwargs
-        assert [out[:2] for out in per_rank] == [(reduces, gathers)] * 2, kwargs
+    for rule in rules:
+        for check, expected in (("deferred", (3, 2)), ("eager", (0, 1))):
+            kwargs = {**rule, "check": check}
+            per_rank = ranks.run(2, collectives_on_rank, losses, kwargs, positive, timeout=30)
+            reference = select_mask(
+                torch.cat([losses, losses]), SelectionRule(**rule), positive=positive.repeat(2)
+            )
+            assert torch.equal(torch.cat([per_rank[0][2], per_rank[1][2]]), reference), kwargs
+            assert [out[:2] for out in per_rank] == [expected] * 2, kwargs
 
 
 def auto_strategy_on_rank(sizes: list[int]) -> str:

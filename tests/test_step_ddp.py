@@ -86,7 +86,7 @@ SIZES = {1: [11], 2: [7, 12], 3: [5, 0, 9], 4: [6, 3, 10, 1]}
     ("kwargs", "hard_rank"),
     [
         ({"keep": 0.3}, None),
-        ({"top_k": 4, "strategy": "radix"}, None),
+        ({"top_k": 4, "strategy": "bracket"}, None),
         ({"keep": 0.25, "scope": "local"}, None),
         ({"neg_pos_ratio": 2.0, "min_kept": 2}, None),
         ({"loss_thresh": 1.5, "min_kept": 2}, None),
