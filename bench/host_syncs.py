@@ -14,16 +14,35 @@ and, on its last line, as JSON: ``{case: reads per call}``.
   boolean-mask indexing). A scalar read of a meta tensor gives 0; a data-dependent size
   raises. With ``--world-size`` W > 1 the collectives run in torch's fake process group
   (no communication). ``tests/test_host_reads.py`` counts with the same class.
+
+Torch calls per steady-state call (:class:`TorchCalls`, whatever ``--device``): every
+torch function, tensor method, operator and tensor attribute read (``.shape``,
+``.device``: they dispatch too) that reaches ``__torch_function__`` from outside torch,
+each counted once (what a torch function calls inside is not counted), in one call of
+``HardExampleSelector(keep=0.25, check=...)`` on K = 256 float32 losses per rank, scope
+global, reading ``result.mask`` included; counted after two warm-up calls (the first is
+eager by design; the second leaves the rows that the next call checks, as every later
+call does). ``torch_calls_device_256``: ``check="deferred"``, W = 1, CPU tensors;
+``torch_calls_host_256``: ``check="eager"``, W = 1, CPU; ``torch_calls_device_256_w4``:
+``check="deferred"``, W = 4 in torch's fake process group (no communication: an
+all-gather copies this rank's input, an all-reduce keeps it), CPU tensors. A table splits
+them by stage: the function that ``HardExampleSelector.__call__`` called (found on the
+Python stack; where ``__call__`` only hands the call to one function, the stages are
+that function's callees; ``--stage-depth 2`` splits each stage by its callees).
+``--ops`` lists the operations of each stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import CodeType, FrameType
 
 import torch
 import torch.distributed as dist
@@ -214,6 +233,178 @@ def all_cases(device: torch.device) -> dict[str, int]:
     return result
 
 
+#: The torch-call case: rule, float32 losses per rank, world size of the "_w4" count.
+TORCH_CALL_KEEP, TORCH_CALL_KEYS, TORCH_CALL_WORLD = 0.25, 256, 4
+#: Stage names of the calls made outside ``HardExampleSelector.__call__``.
+OUTSIDE, RESULT = "outside", "result"
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+
+
+class TorchCalls(TorchFunctionMode):
+    """Counts torch calls: every ``__torch_function__`` dispatch (torch function, tensor
+    method, operator, tensor attribute read) that does not come from inside another one.
+
+    While a call it saw runs, torch turns this mode off, so what a torch function calls
+    inside is not counted. ``calls`` holds, per call, ``(op, path, phase)``: the
+    operation's name (``.shape`` for an attribute), the names of the Python functions
+    from ``root`` (a code object; default ``HardExampleSelector.__call__``) down to the
+    call site (the innermost frame outside torch) — ``()`` for a call made in ``root``
+    itself, ``None`` for one made outside it — and ``phase``, which the caller sets to
+    name the calls made outside ``root`` (:data:`OUTSIDE` unless told).
+    """
+
+    def __init__(self, root: CodeType | None = None) -> None:
+        super().__init__()
+        self.root = root or _code_of(HardExampleSelector.__call__)
+        self.calls: list[tuple[str, tuple[str, ...] | None, str]] = []
+        self.phase = OUTSIDE
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append((_op_name(func), self._path(sys._getframe(1)), self.phase))
+        return func(*args, **(kwargs or {}))
+
+    def _path(self, frame: FrameType | None) -> tuple[str, ...] | None:
+        names: list[str] = []
+        while frame is not None and frame.f_code is not self.root:
+            # torch's own frames below the call site (Python-level torch functions,
+            # handle_torch_function) are not part of the caller's path
+            if names or not frame.f_code.co_filename.startswith(_TORCH_DIR):
+                names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        return None if frame is None else tuple(reversed(names))
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def stages(self, depth: int = 1) -> tuple[tuple[str, ...], dict[str, list[str]]]:
+        """The operations of each stage, in order of first call, and the functions
+        through which ``root`` hands the call on (``via``).
+
+        A stage is the function that ``root`` called, found on the stack. Where ``root``
+        makes no torch call itself and calls only one function that makes any (a
+        delegation such as ``__call__`` -> ``_select``), the stages are that function's
+        callees instead, and so on down; the calls a function of ``via`` makes itself
+        count under its name (under ``root``'s name where ``via`` is empty). With
+        ``depth`` > 1 a stage is split by the functions it called, ``depth`` levels down
+        (``stage > callee``).
+        """
+        paths = [path for _, path, _ in self.calls if path is not None]
+        via: tuple[str, ...] = ()
+        while True:
+            level = len(via)
+            children = {path[level] for path in paths if len(path) > level}
+            if len(children) != 1 or any(len(path) == level for path in paths):
+                break
+            via += (children.pop(),)
+        own = via[-1] if via else self.root.co_name
+        by_stage: dict[str, list[str]] = {}
+        for op, path, phase in self.calls:
+            if path is None:
+                stage = phase
+            else:
+                below = path[len(via) : len(via) + depth]
+                stage = " > ".join(below) if below else own
+            by_stage.setdefault(stage, []).append(op)
+        return via, by_stage
+
+
+def _code_of(fn: Callable) -> CodeType:
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn.__code__
+
+
+def _op_name(func: Callable) -> str:
+    owner = getattr(func, "__self__", None)
+    name = getattr(func, "__name__", "")
+    if name in ("__get__", "__set__") and owner is not None:  # a tensor attribute
+        return "." + getattr(owner, "__name__", str(owner)) + ("=" if name == "__set__" else "")
+    qualname = getattr(func, "__qualname__", None) or name or repr(func)
+    for prefix, shown in (("_VariableFunctionsClass.", "torch."), ("TensorBase.", "Tensor.")):
+        if qualname.startswith(prefix):
+            return shown + qualname[len(prefix) :]
+    return qualname
+
+
+def is_attribute(op: str) -> bool:
+    """Whether a :class:`TorchCalls` operation is a tensor attribute read or write."""
+    return op.startswith(".")
+
+
+def selector_torch_calls(check: str, device: torch.device) -> TorchCalls:
+    """Torch calls of one steady-state ``HardExampleSelector(keep=0.25, check=check)``
+    call on 256 float32 losses per rank, reading ``result.mask`` included (stage
+    :data:`RESULT`), after two warm-up calls: the first is eager by design (on CPU when
+    ``device`` is meta: it reads); the second leaves the rows that the next call checks
+    under deferred checks. On meta tensors :class:`HostReads` answers any read with
+    zeros (it is outside the count: what it does is not counted)."""
+    selector = HardExampleSelector(keep=TORCH_CALL_KEEP, check=check)
+    warm = warm_device(device)
+    warm_losses = torch.rand(TORCH_CALL_KEYS, device=warm)
+    losses = warm_losses if warm == device else torch.rand(TORCH_CALL_KEYS, device=device)
+    selector(warm_losses)
+    selector(losses)
+    with contextlib.ExitStack() as stack:
+        if device.type == "meta":
+            stack.enter_context(HostReads())
+        counter = stack.enter_context(TorchCalls())
+        result = selector(losses)
+        counter.phase = RESULT
+        result.mask  # noqa: B018 -- a lazy mask would compute here
+    return counter
+
+
+def torch_call_cases() -> dict[str, TorchCalls]:
+    """The three torch-call counts; W = 4 opens (and closes) torch's fake group, so call
+    this while no process group is open."""
+    cpu = torch.device("cpu")
+    counts = {
+        "torch_calls_device_256": selector_torch_calls("deferred", cpu),
+        "torch_calls_host_256": selector_torch_calls("eager", cpu),
+    }
+    init_fake_group(TORCH_CALL_WORLD)
+    try:
+        counts[f"torch_calls_device_256_w{TORCH_CALL_WORLD}"] = selector_torch_calls(
+            "deferred", cpu
+        )
+    finally:
+        dist.destroy_process_group()
+    return counts
+
+
+def stage_table(counts: dict[str, TorchCalls], depth: int = 1) -> str:
+    """Torch calls per stage (rows) of each case (columns), with totals."""
+    split = {case: counter.stages(depth) for case, counter in counts.items()}
+    stages: list[str] = []
+    for _, by_stage in split.values():
+        stages += [stage for stage in by_stage if stage not in stages]
+    rows = [
+        [stage, *(str(len(by_stage.get(stage, ()))) for _, by_stage in split.values())]
+        for stage in stages
+    ]
+    rows.append(["**total**", *(f"**{len(counter)}**" for counter in counts.values())])
+    rows.append(
+        [
+            "of which tensor attributes (`.shape`, ...)",
+            *(str(sum(is_attribute(op) for op, _, _ in c.calls)) for c in counts.values()),
+        ]
+    )
+    vias = {" > ".join(("__call__", *via)) for via, _ in split.values()}
+    headers = [f"stage (called by {' / '.join(sorted(vias))})", *counts]
+    return markdown_table(headers, rows)
+
+
+def ops_listing(counts: dict[str, TorchCalls], depth: int = 1) -> str:
+    """Each case's operations per stage, most frequent first."""
+    lines = []
+    for case, counter in counts.items():
+        lines.append(f"{case}:")
+        for stage, ops in counter.stages(depth)[1].items():
+            listed = ", ".join(f"{op} x{n}" for op, n in collections.Counter(ops).most_common())
+            lines.append(f"  {stage} ({len(ops)}): {listed}")
+    return "\n".join(lines)
+
+
 def init_fake_group(world_size: int) -> None:
     """Torch's fake process group: collectives of any world size, without communication."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -225,11 +416,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="meta", choices=["meta", "cuda"])
     parser.add_argument("--world-size", type=int, default=1, help="fake group size (meta)")
+    parser.add_argument("--ops", action="store_true", help="list each stage's torch calls")
+    parser.add_argument(
+        "--stage-depth", type=int, default=1, help="split stages by their callees, N levels"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device meta")
         return
+    if args.world_size > 1 and device.type == "cuda":
+        parser.error("--world-size > 1 needs --device meta (the fake process group)")
+    torch_calls = torch_call_cases()  # before the script's fake group: it opens its own
     if args.world_size > 1:
         if device.type == "cuda":
             parser.error("--world-size > 1 needs --device meta (the fake process group)")
@@ -240,6 +438,12 @@ def main() -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
     print(markdown_table(["case", "host reads per call"], [[k, str(v)] for k, v in result.items()]))
+    print()
+    print("Torch calls per steady-state call (K=256 per rank, keep=0.25), by stage:")
+    print(stage_table(torch_calls, args.stage_depth))
+    if args.ops:
+        print(ops_listing(torch_calls, args.stage_depth))
+    result.update({case: len(counter) for case, counter in torch_calls.items()})
     print(json.dumps(result))
 
 

@@ -1,5 +1,8 @@
 """Run: ``python bench/selection.py`` (full, about a minute on 2 cores) or add ``--quick`` (< 30 s).
 
+``--paths-only``: only the two paths side by side (below), W = 1 and 2, in well under a
+minute; writes ``selection_paths.*``.
+
 Cost of one global selection for each strategy (``gather``, ``radix``, ``bracket``;
 DESIGN.md §5, ``dist_ohem/kselect.py``) on W = 1, 2 and 4 gloo ranks (one thread each,
 FileStore rendezvous: no port) with K = 1e3 ... 1e7 float32 losses per rank, rule
@@ -27,6 +30,14 @@ the bytes of the tensor this rank hands to it are added up (all-reduce: the tens
 all-gather: the rank's input; all-gather of objects: the pickle). Counted on every
 rank, not estimated; the table shows the largest rank's count. What the wire carries
 depends on gloo's algorithm (a ring all-gather forwards (W-1) inputs).
+
+Paths (DESIGN.md §5, §13): the same selector, ``HardExampleSelector(keep=...)`` with the
+default strategy, once with ``check="eager"`` (the host path, what CPU takes by
+default) and once with ``check="deferred"`` (the read-free path a GPU takes, here on CPU
+tensors), on the same losses, K = 256 (``keep=0.25``, the small-batch case), 1e3 and 1e4
+(``keep=0.1``) per rank; after three calls each (the first is eager by design), the two
+interleaved (order alternating), timed like the rest; masks checked identical. Reported:
+the medians and their ratio deferred / eager. Target: at most 1.0 at K = 256, W = 1.
 """
 
 from __future__ import annotations
@@ -66,6 +77,12 @@ ROW_INTS = 16
 #: Targets (issue 16): small call <= 2x the tiny all-gather; dense call at 1e7 per rank,
 #: W=2, <= 15x the streaming pass and >= 10x faster than single-process torch.topk.
 SMALL_TARGET, STREAM_TARGET, TOPK_TARGET = 2.0, 15.0, 10.0
+#: The paths comparison: the selector's two checks, K per rank timed, and the rule at
+#: each K (the small-batch rule at SMALL_KEYS, KEEP elsewhere); target deferred / eager
+#: at K = SMALL_KEYS, W = 1.
+CHECKS = ("eager", "deferred")
+PATH_KEYS = (SMALL_KEYS, 10**3, 10**4)
+PATH_TARGET = 1.0
 #: Collectives the selector can call, and the position of the tensor a rank sends.
 COLLECTIVES = {"all_reduce": 0, "all_gather_single": 1, "all_gather_into_tensor": 1}
 #: The all-gather that comm uses (torch >= 2.10 names it all_gather_single).
@@ -82,6 +99,8 @@ class Config:
     repeats: int
     gather_max: int
     seed: int = 0
+    path_keys: tuple[int, ...] = PATH_KEYS
+    paths_only: bool = False
 
 
 class ByteMeter:
@@ -213,6 +232,40 @@ def small_batch(config: Config) -> dict[str, float]:
     return {f"{name}_ms": 1e3 * statistics.median(t) for name, t in times.items()}
 
 
+def path_keep(num_keys: int) -> float:
+    """The rule of the paths comparison at ``num_keys`` per rank."""
+    return SMALL_KEEP if num_keys == SMALL_KEYS else KEEP
+
+
+def paths(config: Config) -> list[dict[str, Any]]:
+    """The host path (``check="eager"``) and the read-free path (``check="deferred"``)
+    of the same selector on the same losses, interleaved, for each K of ``path_keys``."""
+    rows = []
+    for num_keys in config.path_keys:
+        gen = torch.Generator().manual_seed(config.seed * 1000 + 500 + dist.get_rank())
+        losses = torch.rand(num_keys, generator=gen)
+        keep = path_keep(num_keys)
+        selectors = {check: HardExampleSelector(keep=keep, check=check) for check in CHECKS}
+        results = {}
+        for check, selector in selectors.items():
+            selector(losses), selector(losses)  # the first call is eager by design
+            results[check] = selector(losses)  # the steady state
+        if not torch.equal(results["eager"].mask, results["deferred"].mask):
+            raise AssertionError(f"deferred and eager masks differ at K={num_keys} per rank")
+        times: dict[str, list[float]] = {check: [] for check in CHECKS}
+        for repeat in range(10 * config.repeats):
+            order = CHECKS if repeat % 2 == 0 else CHECKS[::-1]
+            for check in order:
+                times[check].append(timed(functools.partial(selectors[check], losses))[0])
+        row: dict[str, Any] = {"keys_per_rank": num_keys, "keep": keep}
+        for check in CHECKS:
+            row[f"{check}_ms"] = 1e3 * statistics.median(times[check])
+            row[f"{check}_strategy"] = results[check].strategy
+        row["deferred_over_eager"] = row["deferred_ms"] / row["eager_ms"]
+        rows.append(row)
+    return rows
+
+
 def minimal_gather_selection(losses: torch.Tensor, keep: float) -> torch.Tensor:
     """The least work of any exact gather selection, written for this one case: float32
     losses, equal sizes, no checks, ties to the lower index. Builds a row of
@@ -250,8 +303,12 @@ def rank_main(rank: int, world_size: int, init_file: str, config: Config, out_fi
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
     try:
-        results = {"world_size": world_size, "small": small_batch(config), "keys": []}
-        for num_keys in config.keys_per_rank:
+        results: dict[str, Any] = {"world_size": world_size, "paths": paths(config)}
+        if rank == 0:
+            logger.info("W=%d paths done", world_size)
+        if not config.paths_only:
+            results["small"], results["keys"] = small_batch(config), []
+        for num_keys in () if config.paths_only else config.keys_per_rank:
             results["keys"].append(measure_keys(num_keys, config))
             if rank == 0:
                 logger.info("W=%d K=%d per rank done", world_size, num_keys)
@@ -266,7 +323,7 @@ def crossover(run: dict[str, Any]) -> int | None:
     """Smallest K per rank from which bracket is faster than gather at every larger K
     where both ran."""
     found = None
-    for row in reversed(run["keys"]):
+    for row in reversed(run.get("keys", [])):
         if "gather" not in row:
             continue
         if row["bracket"]["median_ms"] >= row["gather"]["median_ms"]:
@@ -335,7 +392,11 @@ def targets(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's ratios, from this run (None where a needed cell did not run)."""
     by_world = {run["world_size"]: run for run in runs}
     out: dict[str, Any] = {}
-    if 2 in by_world:
+    for world_size, run in by_world.items():
+        at_small = [r for r in run.get("paths", []) if r["keys_per_rank"] == SMALL_KEYS]
+        if at_small:
+            out[f"deferred_over_eager_w{world_size}"] = at_small[0]["deferred_over_eager"]
+    if 2 in by_world and "small" in by_world[2]:
         small = by_world[2]["small"]
         out["small_over_allgather"] = small["selector_ms"] / small["all_gather_ms"]
         out["minimal_over_allgather"] = small["minimal_ms"] / small["all_gather_ms"]
@@ -349,6 +410,12 @@ def targets(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def target_lines(found: dict[str, Any]) -> list[str]:
     lines = []
     for key, text, limit, better in (
+        (
+            "deferred_over_eager_w1",
+            f"K={SMALL_KEYS}/rank, W=1, deferred (read-free path) / eager (host path) call",
+            PATH_TARGET,
+            "<=",
+        ),
         (
             "small_over_allgather",
             "K=256/rank, W=2, gather call / all-gather of 16 int64",
@@ -374,13 +441,87 @@ def target_lines(found: dict[str, Any]) -> list[str]:
             ok = found[key] <= limit if better == "<=" else found[key] >= limit
             verdict = "met" if ok else "NOT met"
             lines.append(f"- {text}: **{found[key]:.2f}x** (target {better} {limit:g}x: {verdict})")
-    return lines
+    reported = [  # the other world sizes' deferred / eager, next to W=1's
+        f"- K={SMALL_KEYS}/rank, W={key.removeprefix('deferred_over_eager_w')}, deferred / "
+        f"eager call: **{value:.2f}x** (reported)"
+        for key, value in sorted(found.items())
+        if key.startswith("deferred_over_eager_w") and key != "deferred_over_eager_w1"
+    ]
+    at = 1 if "deferred_over_eager_w1" in found else 0
+    return lines[:at] + reported + lines[at:]
+
+
+def paths_table(runs: list[dict[str, Any]]) -> str:
+    """The two paths side by side, per (W, K)."""
+    headers = [
+        "W",
+        "K per rank",
+        "keep",
+        "eager (host path) ms",
+        "deferred (read-free path) ms",
+        "deferred / eager",
+    ]
+    rows = [
+        [
+            str(run["world_size"]),
+            str(row["keys_per_rank"]),
+            f"{row['keep']:g}",
+            f"{row['eager_ms']:.3f} ({row['eager_strategy']})",
+            f"{row['deferred_ms']:.3f} ({row['deferred_strategy']})",
+            f"{row['deferred_over_eager']:.2f}",
+        ]
+        for run in runs
+        for row in run.get("paths", [])
+    ]
+    return markdown_table(headers, rows)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as markdown: setup, targets, tables, crossover."""
     meta = report["meta"]
     runs = report["runs"]
+    repeats = report["config"]["repeats"]
+    lines = [
+        "# dist_ohem selection benchmark: gather, radix, bracket; host and read-free paths",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date (UTC): {meta['date']}; torch {meta['torch']}; python {meta['python']}; "
+        f"{meta['cores']} cores; git {meta['git']}",
+        f"- load average at start / end: {meta['load_start']} / {meta['load_end']}; "
+        f"wall time {meta['wall_s']:.0f} s",
+        "- **shared machine**: other jobs may run on the same cores; ratios are measured side "
+        "by side in one run (bytes are exact).",
+    ]
+    full = all("small" in run for run in runs)
+    if full:
+        lines += [
+            f"- rule keep={KEEP}, uniform float32 losses; gloo, one thread per rank; time = "
+            f"median of {repeats} repeats (half above 1e6 keys) of the "
+            "slowest rank's call (barrier to end of call), after two warm-up calls, "
+            "strategies interleaved",
+            "- bytes/rank: bytes of the tensors one rank hands to collectives in one "
+            "steady-state call, counted by wrapping torch.distributed (largest rank); "
+            "collectives = calls per selection",
+        ]
+    lines += [
+        "",
+        "## Targets",
+        "",
+        *target_lines(report["targets"]),
+        "",
+        '## Paths: read-free (`check="deferred"`) vs host (`check="eager"`)',
+        "",
+        paths_table(runs),
+        "",
+        "The same `HardExampleSelector(keep=...)` (default strategy; the result's strategy "
+        "in brackets) on the same uniform float32 losses, gloo, one thread per rank; time = "
+        f"median of {10 * repeats} repeats of the slowest rank's call (barrier to end of "
+        "call) after three calls, the two paths interleaved; masks identical (checked). "
+        'On a GPU the read-free path is the default (`check="auto"`); on CPU the host path.',
+        "",
+    ]
+    if not full:
+        return "\n".join(lines)
     small_rows = [
         [
             str(run["world_size"]),
@@ -393,28 +534,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         for run in runs
         for small in [run["small"]]
     ]
-    lines = [
-        "# dist_ohem selection benchmark: gather, radix, bracket",
-        "",
-        f"- command: `{meta['command']}`",
-        f"- date (UTC): {meta['date']}; torch {meta['torch']}; python {meta['python']}; "
-        f"{meta['cores']} cores; git {meta['git']}",
-        f"- load average at start / end: {meta['load_start']} / {meta['load_end']}; "
-        f"wall time {meta['wall_s']:.0f} s",
-        "- **shared machine**: other jobs may run on the same cores; ratios are measured side "
-        "by side in one run (bytes are exact).",
-        f"- rule keep={KEEP}, uniform float32 losses; gloo, one thread per rank; time = "
-        f"median of {report['config']['repeats']} repeats (half above 1e6 keys) of the "
-        "slowest rank's call (barrier to end of call), after two warm-up calls, "
-        "strategies interleaved",
-        "- bytes/rank: bytes of the tensors one rank hands to collectives in one "
-        "steady-state call, counted by wrapping torch.distributed (largest rank); "
-        "collectives = calls per selection",
-        "",
-        "## Targets",
-        "",
-        *target_lines(report["targets"]),
-        "",
+    lines += [
         f"## Small batch: K={SMALL_KEYS} per rank, keep={SMALL_KEEP}, gather",
         "",
         markdown_table(
@@ -460,6 +580,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; ``--quick`` changes the defaults, explicit flags still win."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="K up to 1e5, W 1 and 2, < 30 s")
+    parser.add_argument(
+        "--paths-only",
+        action="store_true",
+        help="only deferred vs eager (default W 1 and 2); writes selection_paths.*",
+    )
+    parser.add_argument(
+        "--path-keys",
+        type=int,
+        nargs="+",
+        default=list(PATH_KEYS),
+        help="K per rank of the paths comparison (default 256 1000 10000)",
+    )
     parser.add_argument("--repeats", type=int, help="timed repeats per strategy (default 11)")
     parser.add_argument("--world-sizes", type=int, nargs="+", help="default 1 2 4")
     parser.add_argument("--keys", type=int, nargs="+", help="K per rank (default 1e3 ... 1e7)")
@@ -470,7 +602,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     defaults = (
         {"repeats": 5, "world_sizes": [1, 2], "keys": [10**3, 10**4, 10**5]}
-        if args.quick
+        if args.quick or args.paths_only
         else {
             "repeats": 11,
             "world_sizes": [1, 2, 4],
@@ -480,8 +612,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.repeats < 1 or min(args.world_sizes) < 1 or min(args.keys) < 1:
-        parser.error("need --repeats, --world-sizes and --keys >= 1")
+    if args.repeats < 1 or min(args.world_sizes) < 1 or min(args.keys + args.path_keys) < 1:
+        parser.error("need --repeats, --world-sizes, --keys and --path-keys >= 1")
     return args
 
 
@@ -490,7 +622,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks
-    config = Config(tuple(args.keys), args.repeats, args.gather_max)
+    config = Config(
+        tuple(args.keys),
+        args.repeats,
+        args.gather_max,
+        path_keys=tuple(args.path_keys),
+        paths_only=args.paths_only,
+    )
     started, load_start = time.perf_counter(), os.getloadavg()
     runs = [run_world(world_size, config, rank_main) for world_size in args.world_sizes]
     for run in runs:
@@ -498,6 +636,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {"meta": run_meta(started, load_start), "config": asdict(config), "runs": runs}
     report["targets"] = targets(runs)
     stem = "selection_quick" if args.quick else "selection"
+    stem = "selection_paths" if args.paths_only else stem
     write_report(report, render_markdown(report), args.output_dir, stem)
 
 

@@ -18,6 +18,7 @@ from dist_ohem import comm
 __all__ = [
     "Batch",
     "balanced_shares",
+    "batch_device",
     "batch_leaves",
     "batch_size",
     "call_model",
@@ -55,6 +56,12 @@ def batch_size(batch: Batch) -> int:
     """Examples in a batch (dim 0 of its first tensor)."""
     leaves = batch_leaves(batch)
     return int(leaves[0].shape[0]) if leaves else 0
+
+
+def batch_device(batch: Batch) -> torch.device:
+    """The device of a batch's first tensor (the default device for a batch without any)."""
+    leaves = batch_leaves(batch)
+    return leaves[0].device if leaves else torch.empty(0).device
 
 
 def select_rows(batch: Batch, rows: torch.Tensor | slice) -> Batch:

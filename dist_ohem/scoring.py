@@ -1,24 +1,36 @@
-"""The scoring pass's parts: per-example losses over valid positions, scores, input checks.
+"""The scoring pass of :func:`dist_ohem.ohem_step`: per-example losses over valid positions,
+scores, input checks (docs/DESIGN.md §6, §9).
 
-Used by :func:`dist_ohem.ohem_step` (docs/DESIGN.md §9). An example's loss is the mean of the
-criterion's per-instance losses over its *valid positions*: with one integer target
-tensor of shape ``(N, ...)``, the positions not equal to ``ignore_index``. An example with
-no valid position is invalid: not counted in K, never selected, never trained.
+An example's loss is the mean of the criterion's per-instance losses over its *valid
+positions*: with one integer target tensor of shape ``(N, ...)``, the positions not equal
+to ``ignore_index``. An example with no valid position is invalid: not counted in K, never
+selected, never trained.
+
+:class:`ScoringPass` runs the pass in stages: :meth:`ScoringPass.check` (the input checks,
+local, never raising), the chunk agreement (owned by the training plan,
+:meth:`dist_ohem.train_pass.TrainingPlan.agree`), :meth:`ScoringPass.score` (the no-grad
+forwards, with held errors and padding forwards, then the NaN check).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-from dist_ohem.batches import Batch, batch_size
+from dist_ohem.batches import Batch, batch_device, batch_size, call_model, chunk_bounds, select_rows
+from dist_ohem.wrappers import scoring_context
 
 __all__ = [
     "ExampleLosses",
     "ScoreFn",
+    "Scored",
+    "ScoringChunks",
+    "ScoringPass",
     "check_no_nan_scores",
     "checked_micro_batch_size",
     "checked_valid",
@@ -114,10 +126,10 @@ def checked_micro_batch_size(micro_batch_size: int | None, num_examples: int) ->
     return micro_batch_size
 
 
-def checked_valid(valid: torch.Tensor | None, num_examples: int) -> torch.Tensor:
-    """``valid`` as an ``(N,)`` bool tensor (all True when None)."""
+def checked_valid(valid: torch.Tensor | None, num_examples: int) -> torch.Tensor | None:
+    """``valid``, checked to be an ``(N,)`` bool tensor (None: every example counts)."""
     if valid is None:
-        return torch.ones(num_examples, dtype=torch.bool)
+        return None
     if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
         raise TypeError(
             "valid must be a bool tensor with one entry per example, got "
@@ -166,9 +178,135 @@ def check_scores(scores: object, losses: torch.Tensor, what: str, unit: str) -> 
 
 
 def check_no_nan_scores(scores: torch.Tensor, example_valid: torch.Tensor) -> None:
+    """Raise if a valid example (``(N,)`` bool ``example_valid``) has a NaN score (``(N,)``)."""
     num_nan = int(torch.count_nonzero(torch.isnan(scores) & example_valid))
     if num_nan:
         raise ValueError(
             f"score_fn returned {num_nan} NaN score(s) for valid examples; fix score_fn, "
             "or pass nan='ignore' to the selector to treat NaN-scored examples as invalid"
         )
+
+
+@dataclass(frozen=True)
+class ScoringChunks:
+    """The chunks of one rank's scoring pass, as checked and then agreed with the others.
+
+    Attributes:
+        chunk_size: examples per scoring chunk (``micro_batch_size``, or the whole batch).
+        num_chunks: this rank's chunks, at least one, so that an empty batch still yields
+            dtypes and devices.
+        valid: the checked ``(N,)`` bool ``valid=``; None: every example counts.
+        error: this rank's input error, or after the agreement a note that another rank
+            rejected its input; None when the pass may run.
+        device: where the batch lives (the agreement's all-gather runs there).
+        padding: forwards to run after the chunks, to match the rank with the most.
+        lockstep: the scoring forwards communicate (ZeRO-3 / FSDP with micro-batches): an
+            error after a forward is held until every forward and padding forward ran.
+    """
+
+    chunk_size: int
+    num_chunks: int
+    valid: torch.Tensor | None
+    error: str | None
+    device: torch.device
+    padding: int = 0
+    lockstep: bool = False
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The scoring pass's outcome: ``(N,)`` per-example losses, scores and validity.
+
+    A rank whose scoring failed has NaN losses and scores, no valid example and the
+    ``error`` it joins the selection with (``selector.fail``).
+    """
+
+    example_losses: torch.Tensor
+    scores: torch.Tensor
+    valid: torch.Tensor
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, message: str, inputs: Batch) -> Scored:
+        """The outcome of a rank whose input or scoring pass failed with ``message``."""
+        like = torch.full((batch_size(inputs),), math.nan, device=batch_device(inputs))
+        return cls(like, like, torch.zeros_like(like, dtype=torch.bool), message)
+
+
+@dataclass(frozen=True)
+class ScoringPass:
+    """The no-grad scoring forward over one rank's batch through the unwrapped ``module``
+    (no DDP/DeepSpeed hooks, no activations kept), in chunks; one loss and one score per
+    example. ``score_mode`` is :func:`dist_ohem.ohem_step`'s."""
+
+    module: nn.Module
+    inputs: Batch
+    targets: Batch
+    reduce_losses: ExampleLosses
+    score_fn: ScoreFn | None
+    score_mode: str
+
+    def check(self, micro_batch_size: int | None, valid: torch.Tensor | None) -> ScoringChunks:
+        """The input checks, before any collective: a bad input becomes the chunks' error
+        (never raised here: every rank must still join the agreement and the selection)."""
+        num_examples = batch_size(self.inputs)
+        error, chunk_size, checked = None, max(num_examples, 1), None
+        try:
+            chunk_size = checked_micro_batch_size(micro_batch_size, num_examples)
+            checked = checked_valid(valid, num_examples)
+        except (TypeError, ValueError) as exc:
+            error = str(exc)
+        num_chunks = max(1, -(-num_examples // chunk_size))
+        return ScoringChunks(chunk_size, num_chunks, checked, error, batch_device(self.inputs))
+
+    def score(self, chunks: ScoringChunks, nan: str) -> Scored:
+        """Run the pass over the agreed ``chunks``; any error (the chunks', the model's,
+        the criterion's, ``score_fn``'s, a NaN score under the selector's ``nan="raise"``)
+        gives a :meth:`Scored.failed` outcome instead of raising."""
+        if chunks.error is not None:
+            return Scored.failed(chunks.error, self.inputs)
+        try:
+            example_losses, scores, has_position = self._forward_chunks(chunks)
+            valid = has_position if chunks.valid is None else has_position & chunks.valid
+            if self.score_fn is not None and nan == "raise" and scores.device.type == "cpu":
+                check_no_nan_scores(scores, valid)  # on a device: the selector's NaN flag
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank by selector.fail
+            message = f"the scoring pass raised {type(exc).__name__}: {exc}"
+            return Scored.failed(message, self.inputs)
+        return Scored(example_losses, scores, valid)
+
+    def _forward_chunks(
+        self, chunks: ScoringChunks
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(N,)`` losses, scores and has-a-valid-position flags, chunk by chunk, then
+        ``chunks.padding`` forwards of the first two examples."""
+        num_examples = batch_size(self.inputs)
+        held: Exception | None = None
+        parts = []
+        with torch.no_grad(), scoring_context(self.module, self.score_mode, self.inputs):
+            for rows in chunk_bounds(num_examples, chunks.chunk_size, chunks.num_chunks):
+                chunk_inputs = select_rows(self.inputs, rows)
+                outputs = call_model(self.module, chunk_inputs)
+                if held is not None:  # forwards only: in step with the other ranks
+                    continue
+                try:
+                    chunk_targets = select_rows(self.targets, rows)
+                    parts.append(
+                        score_chunk(
+                            outputs, chunk_inputs, chunk_targets, self.reduce_losses, self.score_fn
+                        )
+                    )
+                except Exception as exc:
+                    if not chunks.lockstep:
+                        raise
+                    # The other ranks still run their scoring forwards, which gather
+                    # parameters; join those before failing together.
+                    held = exc
+            for _ in range(chunks.padding):
+                call_model(self.module, select_rows(self.inputs, slice(0, 2)))
+        if held is not None:
+            raise held
+        example_losses, scores, has_position = (
+            torch.cat(part) for part in zip(*parts, strict=True)
+        )
+        return example_losses, scores, has_position

@@ -47,9 +47,9 @@ the engine waits for a rank that skipped it.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,32 +57,30 @@ import torch
 from torch import nn
 
 from dist_ohem import comm
-from dist_ohem.batches import Batch, batch_leaves, batch_size, call_model, chunk_bounds, select_rows
+from dist_ohem.batches import Batch, batch_leaves, batch_size
 from dist_ohem.loss import global_mean_loss, per_instance_criterion
 from dist_ohem.result import SelectionResult
-from dist_ohem.scoring import (
-    ExampleLosses,
-    ScoreFn,
-    check_no_nan_scores,
-    checked_micro_batch_size,
-    checked_valid,
-    score_chunk,
-)
+from dist_ohem.scoring import ExampleLosses, Scored, ScoreFn, ScoringPass
 from dist_ohem.selector import HardExampleSelector
-from dist_ohem.train_pass import TrainingInputs, capacity_of, train_selected, train_with_capacity
-from dist_ohem.wrappers import (
-    forward_communicates,
-    is_deepspeed_engine,
-    scoring_context,
-    unwrap_model,
+from dist_ohem.train_pass import (
+    BalancedPlan,
+    CapacityPlan,
+    SelectedRowsPlan,
+    Trained,
+    TrainingInputs,
+    TrainingPlan,
+    capacity_of,
 )
+from dist_ohem.wrappers import forward_communicates, is_deepspeed_engine, unwrap_model
 
-__all__ = ["AUTO_CAPACITY_FACTOR", "StepOutput", "ohem_step"]
+__all__ = ["AUTO_CAPACITY_FACTOR", "StepConfig", "StepOutput", "ohem_step"]
 
 SCORE_MODES = ("no_grad_train", "eval")
 #: ``capacity_factor="auto"`` on an accelerator: 25% more rows than the expected share,
 #: the padding that cost 1.50x vs 1.55x on an H200 against a read between the passes.
 AUTO_CAPACITY_FACTOR = 1.25
+#: The phases of :attr:`StepOutput.timings`.
+PHASES = ("scoring", "selection", "communication", "training")
 
 
 @dataclass
@@ -135,6 +133,94 @@ class StepOutput:
         if self.trained_rows is not None:
             return self.trained_rows
         return self.selection.num_selected_local
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """The settings of one :func:`ohem_step` that every rank must agree on.
+
+    Ranks that disagree on these would run different collectives (the balance
+    all-to-all, the number of chunks, the mean-loss all-reduce) and hang, so
+    :func:`ohem_step` passes this object to the selector as ``caller_config``, whose
+    ``repr`` the selector hashes and compares across ranks. Only plain values belong
+    here: a repr must read the same on every rank.
+
+    Attributes:
+        balance, score_mode, grad_average, micro_batch_size, sync_mean_loss: as passed
+            to :func:`ohem_step` (``micro_batch_size`` is checked by the scoring pass,
+            which fails on every rank together).
+        ignore_index: resolved: the argument, else the criterion's own, else None.
+        capacity_factor: resolved: a float, or None to train exactly the selected rows.
+    """
+
+    balance: bool
+    score_mode: str
+    grad_average: bool
+    ignore_index: int | None
+    micro_batch_size: int | None
+    sync_mean_loss: bool
+    capacity_factor: float | None
+
+    @classmethod
+    def from_arguments(
+        cls,
+        model: nn.Module,
+        inputs: Batch,
+        criterion: object,
+        *,
+        balance: bool,
+        score_mode: str,
+        grad_average: bool,
+        ignore_index: int | None,
+        micro_batch_size: int | None,
+        sync_mean_loss: bool,
+        capacity_factor: float | str | None,
+    ) -> StepConfig:
+        """Check and resolve :func:`ohem_step`'s keyword arguments (see its docstring).
+
+        Raises:
+            ValueError, TypeError: a bad ``score_mode`` or ``capacity_factor``, or
+                ``capacity_factor`` with ``balance`` (locally: the same on every rank).
+        """
+        if score_mode not in SCORE_MODES:
+            raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
+        if ignore_index is None:
+            ignore_index = getattr(criterion, "ignore_index", None)
+        if capacity_factor == "auto":
+            leaves = batch_leaves(inputs)
+            on_accelerator = bool(leaves) and leaves[0].device.type != "cpu"
+            simple = not balance and micro_batch_size is None and not is_deepspeed_engine(model)
+            resolved = AUTO_CAPACITY_FACTOR if on_accelerator and simple else None
+        else:
+            resolved = _checked_capacity_factor(capacity_factor, balance)
+        return cls(
+            balance=balance,
+            score_mode=score_mode,
+            grad_average=grad_average,
+            ignore_index=ignore_index,
+            micro_batch_size=micro_batch_size,
+            sync_mean_loss=sync_mean_loss,
+            capacity_factor=resolved,
+        )
+
+
+def _checked_capacity_factor(capacity_factor: float | None, balance: bool) -> float | None:
+    """An explicit ``capacity_factor`` (not ``"auto"``) as a float, or None."""
+    if capacity_factor is None:
+        return None
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        raise TypeError(
+            f"capacity_factor must be a number, 'auto' or None, got {capacity_factor!r}"
+        )
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    if balance:
+        raise ValueError(
+            "balance=True and capacity_factor are alternatives: with capacity every rank "
+            "already trains the same number of rows (for equal batches); pass "
+            "capacity_factor=None to balance the selected rows instead"
+        )
+    return float(capacity_factor)
 
 
 def ohem_step(
@@ -221,77 +307,90 @@ def ohem_step(
             of ``valid`` or of the scores, ``micro_batch_size <= 0``, a NaN score under
             ``nan="raise"``, ``criterion`` or ``score_fn`` raising, ...).
     """
-    if score_mode not in SCORE_MODES:
-        raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
-    if ignore_index is None:
-        ignore_index = getattr(criterion, "ignore_index", None)
-    reduce_losses = ExampleLosses(per_instance_criterion(criterion), example_score, ignore_index)
-    capacity_factor = _resolved_capacity(capacity_factor, model, inputs, balance, micro_batch_size)
-    # Ranks that disagree on these would run different collectives (the balance
-    # all-to-all, the number of chunks, the mean-loss all-reduce) and hang.
-    caller_config = (
-        "ohem_step",
-        balance,
-        score_mode,
-        grad_average,
-        ignore_index,
-        micro_batch_size,
-        sync_mean_loss,
-        capacity_factor,
-    )
-    timings = {"scoring": 0.0, "selection": 0.0, "communication": 0.0, "training": 0.0}
-
-    capacity = None
-    if capacity_factor is not None:
-        world_size = comm.get_world_size(selector.group)
-        capacity = capacity_of(selector, capacity_factor, batch_size(inputs), world_size)
-    started = time.perf_counter()
-    scored = _score(
+    config = StepConfig.from_arguments(
         model,
         inputs,
-        targets,
-        reduce_losses,
-        selector,
-        score_mode,
-        valid,
-        micro_batch_size,
-        score_fn,
-        caller_config,
-        None if capacity is None or micro_batch_size is None else -(-capacity // micro_batch_size),
+        criterion,
+        balance=balance,
+        score_mode=score_mode,
+        grad_average=grad_average,
+        ignore_index=ignore_index,
+        micro_batch_size=micro_batch_size,
+        sync_mean_loss=sync_mean_loss,
+        capacity_factor=capacity_factor,
     )
-    timings["scoring"] = time.perf_counter() - started
+    reduce_losses = ExampleLosses(
+        per_instance_criterion(criterion), example_score, config.ignore_index
+    )
+    module = unwrap_model(model)
+    plan = _plan(config, model, selector, batch_size(inputs))
+    scoring = ScoringPass(module, inputs, targets, reduce_losses, score_fn, config.score_mode)
+    timings = dict.fromkeys(PHASES, 0.0)
+    with _timed(timings, "scoring"):
+        plan, chunks = plan.agree(scoring.check(config.micro_batch_size, valid))
+        scored = scoring.score(chunks, selector.nan)
+    with _timed(timings, "selection"):
+        selection = _select(selector, scored, positive, config)
+    with _timed(timings, "training"):
+        backward = backward or torch.Tensor.backward
+        batch = TrainingInputs(
+            model, module, inputs, targets, reduce_losses, selection, scored, backward
+        )
+        trained = plan.train(batch)
+        mean_loss = global_mean_loss(
+            trained.selected_sum, selection, selector.group, config.sync_mean_loss
+        )
+    return _result(trained, selection, scored, mean_loss, timings)
 
-    started = time.perf_counter()
+
+def _plan(
+    config: StepConfig, model: nn.Module, selector: HardExampleSelector, num_examples: int
+) -> TrainingPlan:
+    """The training plan, chosen once, before scoring: a fixed capacity of rows
+    (``capacity_factor``), the balanced selected rows (``balance`` on several ranks), or
+    the selected rows themselves."""
+    group = selector.group
+    common = {
+        "group": group,
+        "grad_average": config.grad_average,
+        "micro_batch_size": config.micro_batch_size,
+        "lockstep_scoring": config.micro_batch_size is not None and forward_communicates(model),
+    }
+    if config.capacity_factor is not None:
+        world_size = comm.get_world_size(group)
+        capacity = capacity_of(selector, config.capacity_factor, num_examples, world_size)
+        return CapacityPlan(**common, selector=selector, capacity=capacity)
+    if config.balance and comm.is_distributed(group):
+        return BalancedPlan(**common)
+    return SelectedRowsPlan(**common)
+
+
+def _select(
+    selector: HardExampleSelector,
+    scored: Scored,
+    positive: torch.Tensor | None,
+    config: StepConfig,
+) -> SelectionResult:
+    """ONE global selection over the ``(N,)`` scores of all ranks. A rank whose scoring
+    failed joins it with its error: with eager checks every rank raises; with deferred
+    ones this rank selects nothing (and trains at weight 0) and all raise at the next
+    call."""
     if scored.error is None:
-        selection = selector(scored.scores, scored.valid, positive, caller_config=caller_config)
-    else:  # deferred checks: this rank selects nothing and trains at weight 0
-        selection = scored.failed_selection
-    timings["selection"] = time.perf_counter() - started
+        return selector(scored.scores, scored.valid, positive, caller_config=config)
+    return selector.fail(scored.error, scored.scores, caller_config=config)
 
-    started = time.perf_counter()
-    batch = TrainingInputs(
-        model,
-        unwrap_model(model),
-        inputs,
-        targets,
-        reduce_losses,
-        selection,
-        scored.scores,
-        scored.example_losses,
-        scored.valid,
-        backward or torch.Tensor.backward,
-        grad_average,
-        selector.group,
-    )
-    if capacity is None:
-        trained, timings["communication"] = train_selected(batch, balance, micro_batch_size)
-    elif micro_batch_size is None:
-        trained = train_with_capacity(batch, selector, capacity, max(capacity, 1))
-    else:  # every rank runs the most capacity chunks of any rank
-        capacity = scored.capacity_chunks * micro_batch_size
-        trained = train_with_capacity(batch, selector, capacity, micro_batch_size)
-    mean_loss = global_mean_loss(trained.selected_sum, selection, selector.group, sync_mean_loss)
-    timings["training"] = time.perf_counter() - started - timings["communication"]
+
+def _result(
+    trained: Trained,
+    selection: SelectionResult,
+    scored: Scored,
+    mean_loss: torch.Tensor,
+    timings: dict[str, float],
+) -> StepOutput:
+    """The :class:`StepOutput`; the balance all-to-all's seconds move from ``training``
+    to ``communication``."""
+    timings["communication"] = trained.moving_seconds
+    timings["training"] -= trained.moving_seconds
     return StepOutput(
         loss=trained.loss,
         selection=selection,
@@ -305,167 +404,9 @@ def ohem_step(
     )
 
 
-def _resolved_capacity(
-    capacity_factor: float | str | None,
-    model: nn.Module,
-    inputs: Batch,
-    balance: bool,
-    micro_batch_size: int | None,
-) -> float | None:
-    """The capacity factor to use, or None to train exactly the selected rows."""
-    if capacity_factor == "auto":
-        leaves = batch_leaves(inputs)
-        on_accelerator = bool(leaves) and leaves[0].device.type != "cpu"
-        simple = not balance and micro_batch_size is None and not is_deepspeed_engine(model)
-        return AUTO_CAPACITY_FACTOR if on_accelerator and simple else None
-    if capacity_factor is None:
-        return None
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
-        raise TypeError(
-            f"capacity_factor must be a number, 'auto' or None, got {capacity_factor!r}"
-        )
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-    if balance:
-        raise ValueError(
-            "balance=True and capacity_factor are alternatives: with capacity every rank "
-            "already trains the same number of rows (for equal batches); pass "
-            "capacity_factor=None to balance the selected rows instead"
-        )
-    return float(capacity_factor)
-
-
-@dataclass
-class _Scored:
-    """The scoring pass's outcome: ``(N,)`` losses, scores and validity; with deferred
-    checks a rank whose scoring failed gets NaN losses, no valid example, its error and
-    the selection it joined with it."""
-
-    example_losses: torch.Tensor
-    scores: torch.Tensor
-    valid: torch.Tensor
-    error: str | None = None
-    failed_selection: SelectionResult | None = None
-    capacity_chunks: int = 0
-
-
-def _score(
-    model: nn.Module,
-    inputs: Batch,
-    targets: Batch,
-    reduce_losses: ExampleLosses,
-    selector: HardExampleSelector,
-    score_mode: str,
-    valid: torch.Tensor | None,
-    micro_batch_size: int | None,
-    score_fn: ScoreFn | None,
-    caller_config: tuple,
-    capacity_chunks: int | None,
-) -> _Scored:
-    """The no-grad scoring pass over this rank's batch, failing together on any error.
-
-    With ``capacity_chunks`` (capacity and ``micro_batch_size``) the ranks agree before
-    scoring on the most capacity chunks of any rank, in the same exchange that ZeRO-3 /
-    FSDP need to agree on the scoring chunks: one read, before the scoring pass.
-    """
-    module = unwrap_model(model)
-    num_examples = batch_size(inputs)
-    input_error, chunk_size, requested = None, max(num_examples, 1), None
-    try:
-        chunk_size = checked_micro_batch_size(micro_batch_size, num_examples)
-        requested = checked_valid(valid, num_examples)
-    except (TypeError, ValueError) as exc:
-        input_error = str(exc)
-    # At least one chunk, so that an empty batch still yields dtypes and devices.
-    num_scoring_chunks = max(1, -(-num_examples // chunk_size))
-    num_padding_chunks = 0
-    forwards_in_step = micro_batch_size is not None and forward_communicates(model)
-    if forwards_in_step or capacity_chunks is not None:
-        # ZeRO-3 / FSDP gather parameters in every forward, so every rank must run as many
-        # scoring forwards, and a rank with bad input must not start them alone.
-        device = next(iter(batch_leaves(inputs)), torch.empty(0)).device
-        most_chunks, input_error, capacity_chunks = _agree_before_scoring(
-            [num_scoring_chunks, capacity_chunks or 0], input_error, device, selector.group
-        )
-        if forwards_in_step:
-            num_padding_chunks = most_chunks - num_scoring_chunks
-    if input_error is not None:
-        return _failed(input_error, inputs, selector, caller_config, capacity_chunks or 0)
-    scoring_error: Exception | None = None
-    try:
-        with torch.no_grad(), scoring_context(module, score_mode, inputs):
-            scored = []
-            for rows in chunk_bounds(num_examples, chunk_size, num_scoring_chunks):
-                chunk_inputs = select_rows(inputs, rows)
-                outputs = call_model(module, chunk_inputs)
-                if scoring_error is not None:  # forwards only: in step with the others
-                    continue
-                try:
-                    scored.append(
-                        score_chunk(
-                            outputs,
-                            chunk_inputs,
-                            select_rows(targets, rows),
-                            reduce_losses,
-                            score_fn,
-                        )
-                    )
-                except Exception as exc:
-                    if not forwards_in_step:
-                        raise
-                    # ZeRO-3 / FSDP: the other ranks still run their scoring forwards,
-                    # which gather parameters; join those before failing together.
-                    scoring_error = exc
-            for _ in range(num_padding_chunks):
-                call_model(module, select_rows(inputs, slice(0, 2)))
-        if scoring_error is not None:
-            raise scoring_error
-        example_losses, scores, has_position = (
-            torch.cat(part) for part in zip(*scored, strict=True)
-        )
-        example_valid = has_position if valid is None else has_position & requested
-        if score_fn is not None and selector.nan == "raise" and scores.device.type == "cpu":
-            check_no_nan_scores(scores, example_valid)  # on a device: the selector's NaN flag
-    except Exception as exc:  # noqa: BLE001 - re-raised on every rank by fail()
-        message = f"the scoring pass raised {type(exc).__name__}: {exc}"
-        return _failed(message, inputs, selector, caller_config, capacity_chunks or 0)
-    return _Scored(example_losses, scores, example_valid, capacity_chunks=capacity_chunks or 0)
-
-
-def _failed(
-    message: str,
-    inputs: Batch,
-    selector: HardExampleSelector,
-    caller_config: tuple,
-    capacity_chunks: int,
-) -> _Scored:
-    """Join the selection with ``message``: raises on every rank with eager checks; with
-    deferred ones this rank goes on with nothing to train (in as many capacity chunks as
-    the ranks agreed), and all raise at the next call."""
-    leaves = batch_leaves(inputs)
-    device = leaves[0].device if leaves else None
-    like = torch.full((batch_size(inputs),), math.nan, device=device)
-    selection = selector.fail(message, like, caller_config=caller_config)
-    no_example = torch.zeros_like(like, dtype=torch.bool)
-    return _Scored(like, like, no_example, message, selection, capacity_chunks)
-
-
-def _agree_before_scoring(
-    counts: list[int], input_error: str | None, device: torch.device, group: object
-) -> tuple[int, str | None, int]:
-    """One all-gather of ``(error flag, scoring chunks, capacity chunks)`` per rank.
-
-    Returns the most scoring chunks of any rank, the error to fail with (this rank's
-    own, or, when only other ranks failed, a note that they did: every rank then joins
-    the selector's fail-together exchange, which names the ranks and their messages)
-    and the most capacity chunks of any rank.
-    """
-    row = torch.tensor([[int(input_error is not None), *counts]], device=device)
-    rows = torch.cat(comm.all_gather_uneven(row, group, [1] * comm.get_world_size(group)))
-    listed = rows.tolist()  # one read, before the scoring pass
-    flags = [row[0] for row in listed]
-    most_scoring, most_capacity = (max(row[i] for row in listed) for i in (1, 2))
-    if input_error is None and any(flags):
-        failed = [rank for rank, flag in enumerate(flags) if flag]
-        input_error = f"stopped before scoring because rank(s) {failed} rejected their input"
-    return most_scoring, input_error, most_capacity
+@contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Record the host seconds spent inside as ``timings[phase]``."""
+    started = time.perf_counter()
+    yield
+    timings[phase] = time.perf_counter() - started

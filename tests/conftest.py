@@ -11,7 +11,12 @@ from tests.distributed import RankPools
 from tests.training import ENGINE_ARGS, LONG, train
 
 torch.set_num_threads(1)
-settings.register_profile("ci", max_examples=300, deadline=None)
+# Hypothesis profiles, chosen by HYPOTHESIS_PROFILE (default "ci"):
+# ci: 300 examples, derandomized (the same examples every run: a CI failure reproduces);
+# explore: 1000 random examples per run (new ones each time: hunts for unseen failures);
+# heavy: 5000 random examples (before a release, or after changing the selection core).
+settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True)
+settings.register_profile("explore", max_examples=1000, deadline=None, derandomize=False)
 settings.register_profile("heavy", max_examples=5000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
