@@ -59,7 +59,7 @@ from dist_ohem import HardExampleSelector, OHEMLoss, ohem_step  # noqa: E402
 SELECTOR_CASES = {
     "gather_256": ("gather", 256),
     "bracket_1048576": ("bracket", 1 << 20),
-    "radix_65536": ("radix", 1 << 16),
+    "gather_65536": ("gather", 1 << 16),
     "auto_1000000": ("auto", 10**6),
 }
 STEP_CASES = {"ohem_step_default": "auto", "ohem_step_capacity": 1.25}

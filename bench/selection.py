@@ -3,7 +3,7 @@
 ``--paths-only``: only the two paths side by side (below), W = 1 and 2, in well under a
 minute; writes ``selection_paths.*``.
 
-Cost of one global selection for each strategy (``gather``, ``radix``, ``bracket``;
+Cost of one global selection for each strategy (``gather``, ``bracket``;
 DESIGN.md §5, ``dist_ohem/kselect.py``) on W = 1, 2 and 4 gloo ranks (one thread each,
 FileStore rendezvous: no port) with K = 1e3 ... 1e7 float32 losses per rank, rule
 ``keep=0.1``, next to what any exact selection must at least do, measured in the same
@@ -69,7 +69,7 @@ from bench.common import markdown_table, run_meta, run_world, write_report  # no
 from dist_ohem import HardExampleSelector  # noqa: E402
 from dist_ohem.on_host import AUTO_BRACKET_MIN_KEYS  # noqa: E402
 
-STRATEGIES = ("gather", "radix", "bracket")
+STRATEGIES = ("gather", "bracket")
 KEEP = 0.1
 #: The small-batch case of the issue: K per rank, rule, strategy.
 SMALL_KEYS, SMALL_KEEP = 256, 0.25
@@ -482,7 +482,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     runs = report["runs"]
     repeats = report["config"]["repeats"]
     lines = [
-        "# dist_ohem selection benchmark: gather, radix, bracket; host and read-free paths",
+        "# dist_ohem selection benchmark: gather, bracket; host and read-free paths",
         "",
         f"- command: `{meta['command']}`",
         f"- date (UTC): {meta['date']}; torch {meta['torch']}; python {meta['python']}; "

@@ -144,8 +144,8 @@ def shares_of(
 @functools.lru_cache(maxsize=16)
 def _tie_matrix(world_size: int, device: torch.device) -> torch.Tensor:
     """``(W, W, 2)`` int64: ``[r, s, 0] = s > r`` (above) and ``[r, s, 1] = s < r``."""
-    r, s = torch.meshgrid(torch.arange(world_size), torch.arange(world_size), indexing="ij")
-    return torch.stack([s > r, s < r], dim=2).to(device=device, dtype=torch.int64)
+    r, s = torch.meshgrid(*[torch.arange(world_size, device=device)] * 2, indexing="ij")
+    return torch.stack([s > r, s < r], dim=2).to(torch.int64)
 
 
 # -- host path -----------------------------------------------------------------------------
@@ -358,7 +358,7 @@ class SortedSelection:
     def kth_ranked(self) -> torch.Tensor:
         if self._kth_ranked is not None or self._hard.positions.numel() == 0:
             return self._m if self._kth_ranked is None else self._kth_ranked
-        return self._hard.ranked[(self._m - 1).clamp(min=0)]
+        return self._hard.ranked.take((self._m - 1).clamp(min=0))
 
 
 def hardness_sort(
@@ -398,7 +398,7 @@ def top_m_sorted(
         world_size, rank: of ``group`` (1 and 0 select over this rank's keys alone).
 
     With one rank the selection is the first ``m`` entries of the hardness order. With
-    more, the m-th smallest ``~key`` over all ranks is found in rounds: each splits the
+    more, the m-th smallest descending key over all ranks is found in rounds: each splits the
     interval known to hold it into ``2^RADIX_BITS`` parts, counts the entries at or
     below each split point by one ``searchsorted`` on ``ranked``, all-reduces these
     counts and keeps the first part that reaches ``m`` (3 rounds for 32-bit keys, 6 for
@@ -414,12 +414,6 @@ def top_m_sorted(
     per_rank = tie_shares(bounds, m, group, world_size, hard.device)
     picked = _first_in_order(hard, per_rank[rank])
     return SortedSelection(picked, m, hard, per_rank, kth_ranked)
-
-
-@functools.lru_cache(maxsize=16)
-def _below_and_at(device: torch.device) -> torch.Tensor:
-    """Added to the m-th ``~key``: the points that count the entries below it and at it."""
-    return torch.tensor([-1, 0], device=device)
 
 
 def _mth_smallest(
@@ -439,7 +433,7 @@ def _mth_smallest(
         )
         comm.all_reduce_sum_(at_or_below, group)
         part = torch.searchsorted(at_or_below, m)
-        low = lows[part] if low is None else low.add(part, alpha=step)
+        low = lows.take(part) if low is None else low.add(part, alpha=step)
     return low
 
 
@@ -449,24 +443,26 @@ def _radix_rounds(
 ) -> tuple[tuple[torch.Tensor, int, torch.Tensor | None], ...]:
     """Per round of :func:`_mth_smallest`: the ends of its parts (absolute in the first
     round, from the dtype's min; relative to ``low`` after), the part width, and in the
-    first round the low end of every part. Python ints: int64 would overflow for
-    64-bit keys."""
+    first round the low end of every part. Made on the device (a tensor copied from the
+    host would wait for it), as offsets from the middle part: int64 holds them even for
+    64-bit keys, whose full range it does not."""
     lowest, rounds, remaining = -(1 << (bits - 1)), [], bits
     while remaining > 0:
         width = min(RADIX_BITS, remaining)
-        step = 1 << (remaining - width)
+        step, half = 1 << (remaining - width), 1 << (width - 1)
         start = lowest if not rounds else 0
-        ends = [start + part * step - 1 for part in range(1, 1 << width)]
-        lows = [lowest + part * step for part in range(1 << width)] if not rounds else None
-        rounds.append(
-            (
-                torch.tensor(ends, device=device),
-                step,
-                None if lows is None else torch.tensor(lows, device=device),
-            )
-        )
+        middle = start + half * step  # the low end of the middle part
+        parts = torch.arange(-half, half, device=device) * step
+        ends = parts[1:] + (middle - 1)
+        rounds.append((ends, step, parts + middle if not rounds else None))
         remaining -= width
     return tuple(rounds)
+
+
+@functools.lru_cache(maxsize=16)
+def _below_and_at(device: torch.device) -> torch.Tensor:
+    """Added to the m-th descending key: the points that count the entries below and at it."""
+    return torch.arange(-1, 1, device=device)
 
 
 def _first_in_order(hard: HardnessOrder, count: torch.Tensor) -> torch.Tensor:

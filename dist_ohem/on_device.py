@@ -98,10 +98,11 @@ class DevicePath:
         if not local or numel > _TABLE_MAX_NUMEL:
             candidates = valid - forced if rule.needs_positive else valid
             return rule.num_candidates_to_select(valid, forced, candidates, above)
+        # torch.take: indexing with a 0-dim tensor would read it as a Python int.
         table = self._cached("table", numel, counts.device)
         if rule.needs_positive:  # the table is indexed by P; clamp to the negatives
-            return table[forced].minimum(valid - forced)
-        m = table[valid]
+            return table.take(forced).minimum(valid - forced)
+        m = table.take(valid)
         return m.maximum(above) if rule.loss_thresh is not None else m
 
     def _cached(self, what: str, numel: int, device: torch.device) -> torch.Tensor:
@@ -202,7 +203,8 @@ class _Counts:
     def device_scalar(self, value: int | torch.Tensor) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value
-        return torch.tensor(value, dtype=torch.int64, device=self.device)
+        # Filled on the device: a tensor copied from the host would wait for it.
+        return self.batch.losses.new_full((), value, dtype=torch.int64)
 
     def _of_batch(self, column: int) -> int | torch.Tensor:
         batch = self.batch

@@ -34,7 +34,7 @@ def test_gpu_bench_smoke_run_on_cpu(tmp_path):
     assert set(report["syncs"]) == {
         "gather_256",
         "bracket_1048576",
-        "radix_65536",
+        "gather_65536",
         "auto_1000000",
         "ohemloss_fwd_bwd",
         "ohem_step_default",
