@@ -235,7 +235,8 @@ class CapacityPlan(TrainingPlan):
         selection = batch.selection
         order = _selected_first(batch.scored.scores, batch.scored.valid, selection.mask)
         local = selection.on_device.num_selected_local
-        overflow = comm.all_reduce_max(torch.stack([(local - self.capacity).clamp(min=0), local]))
+        overflow = torch.stack([(local - self.capacity).clamp(min=0), local])
+        overflow = comm.all_reduce_max(overflow, self.group)
         scale = normalization_scale(selection, "mean", self.grad_average, self.group)
         chunk = self.micro_batch_size or max(self.capacity, 1)
         deepspeed = is_deepspeed_engine(batch.model)
