@@ -244,13 +244,7 @@ def radix_select(
     """
     if key_range is not None and key_range[1] - key_range[0] >= 1 << 62:
         key_range = None  # offsets from its low end would overflow int64
-    if key_range is None:
-        key_bits = torch.iinfo(keys.dtype).bits
-        values, bias = keys, 1 << (key_bits - 1)
-    else:
-        low, high = key_range
-        key_bits = (high - low).bit_length()
-        values, bias = keys.to(torch.int64) - low, 0
+    values, bias, key_bits = _unsigned_offsets(keys, key_range)
     undecided: torch.Tensor | None = None  # None: every key, before the first round
     undecided_values = values
     still_needed = m
@@ -292,6 +286,17 @@ def radix_select(
     per_rank = tie_shares(bounds, m, group, comm.get_world_size(group), keys.device).tolist()
     picked[undecided[: per_rank[rank] - int(num_above)]] = True
     return KSelection(picked, per_rank, kth_key)
+
+
+def _unsigned_offsets(
+    keys: torch.Tensor, key_range: tuple[int, int] | None
+) -> tuple[torch.Tensor, int, int]:
+    """``(values, bias, bits)``: ``u = values + bias`` is the key's unsigned offset."""
+    if key_range is None:
+        key_bits = torch.iinfo(keys.dtype).bits
+        return keys, 1 << (key_bits - 1), key_bits
+    low, high = key_range
+    return keys.to(torch.int64) - low, 0, (high - low).bit_length()
 
 
 def _positions(mask: torch.Tensor | None, numel: int, device: torch.device) -> torch.Tensor:

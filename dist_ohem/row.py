@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from dist_ohem import comm, numpy_host
+
+if TYPE_CHECKING:
+    from dist_ohem.local_batch import LocalBatch
 
 __all__ = [
     "CALL",
@@ -27,6 +31,7 @@ __all__ = [
     "Pending",
     "agreement_hash",
     "check",
+    "columns",
     "gather",
     "read",
 ]
@@ -104,6 +109,25 @@ def agreement_hash(config: int, key_bits: int, calls: int, kind: int) -> int:
     return (x ^ (x >> 31)) >> (64 - _HASH_BITS)
 
 
+def columns(
+    batch: LocalBatch, config: int, key_bits: int, calls: int, kind: int
+) -> list[int | torch.Tensor]:
+    """This rank's row after the flag, in column order (device counts stay tensors)."""
+    return [
+        batch.numel,
+        config,
+        key_bits,
+        calls,
+        kind,
+        agreement_hash(config, key_bits, calls, kind),
+        batch.num_valid,
+        batch.num_nan,
+        batch.num_forced,
+        batch.num_above,
+        batch.min_above_key,
+    ]
+
+
 def gather(
     columns: Sequence[int | torch.Tensor],
     error: str | None,
@@ -131,14 +155,14 @@ def check(
     rows: list[list[int]],
     error: str | None,
     nan: str,
-    count_own_nan: Callable[[], int],
+    count_own_nan: Callable[[], int] | None,
     group: dist.ProcessGroup | None,
 ) -> None:
     """Raise on every rank (all read the same rows) if any row says so.
 
     In order: a rank's error flag (every rank raises every message), a column the ranks
     disagree on, a NaN loss under ``nan="raise"`` (the NaN rank counts its own with
-    ``count_own_nan`` for the message).
+    ``count_own_nan`` for the message; None: the NaN column is a count already).
     """
     comm.raise_flagged(rows, error, group)
     for column, what, fix in _AGREED:
@@ -152,8 +176,9 @@ def check(
     own = rows[comm.get_rank(group)]
     own_error = None
     if own[NAN]:
+        count = own[NAN] if count_own_nan is None else count_own_nan()
         own_error = (
-            f"{count_own_nan()} NaN loss(es) among {own[NUMEL]} instances; fix the loss or "
+            f"{count} NaN loss(es) among {own[NUMEL]} instances; fix the loss or "
             "pass nan='ignore' to treat NaN instances as invalid"
         )
     comm.raise_together(own_error, group)
@@ -162,10 +187,34 @@ def check(
 class Pending:
     """A call's rows on their way to the host, checked at the next call or ``check()``.
 
-    ``rows`` reads them (:func:`read` of a :class:`comm.LateRead`, typically a whole
-    step later, so the copy is long done); ``error`` is this rank's own message.
+    Args:
+        rows: the gathered rows, or None with one rank (no rows were gathered).
+        columns: this rank's columns (after the flag), the row's source with one rank:
+            its only device value that a check reads is the NaN count.
+        error: this rank's own message.
+        device: where the rows or counts are.
+
+    The copy to the host starts here without blocking (:class:`comm.LateRead`) and is
+    typically done a whole step later, when :meth:`read` waits for it.
     """
 
-    def __init__(self, rows: Callable[[], list[list[int]]], error: str | None) -> None:
-        self.rows = rows
+    def __init__(
+        self,
+        rows: torch.Tensor | None,
+        columns: Sequence[int | torch.Tensor],
+        error: str | None,
+        device: torch.device,
+    ) -> None:
         self.error = error
+        self._rows = None if rows is None else comm.LateRead(rows, device)
+        nan = columns[NAN - 1]
+        self._nan = comm.LateRead(nan, device) if isinstance(nan, torch.Tensor) else nan
+        self._own = [int(error is not None)]
+        self._own += [0 if isinstance(c, torch.Tensor) else c for c in columns]
+
+    def read(self) -> list[list[int]]:
+        """Every rank's row, as :func:`read` gives them."""
+        if self._rows is not None:
+            return read(self._rows)
+        self._own[NAN] = self._nan if isinstance(self._nan, int) else self._nan.tolist()
+        return [self._own]

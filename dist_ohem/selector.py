@@ -20,8 +20,6 @@ with eager checks the rows are read at step 2 and the k-selection is gather or b
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.distributed as dist
 
@@ -258,15 +256,15 @@ class HardExampleSelector:
         if eager or comm.is_distributed(self.group):
             rows = row.gather(columns, error, self.group, batch.device)
         if first_call:  # agree on the key dtype before collectives that depend on it
-            self._check(row.read(rows), error)
+            row.check(row.read(rows), error, self.nan, None, self.group)
             self._key_dtype = key_dtype
         result = self._device_path.select(batch, rows, columns[row.AGREE - 1], self.num_calls)
         # Checked after the selection's collectives, which every rank runs, so that a
         # rank still in a call and one in check() part in step.
         if eager and not first_call:
-            self._check(row.read(rows), error)
+            row.check(row.read(rows), error, self.nan, None, self.group)
         elif not eager:
-            self._pending = row.Pending(self._late_rows(rows, columns, error), error)
+            self._pending = row.Pending(rows, columns, error, self._device)
         return result
 
     # -- rows ---------------------------------------------------------------------------
@@ -278,50 +276,15 @@ class HardExampleSelector:
         kind: int,
         key_dtype: torch.dtype | None = None,
     ) -> list[int | torch.Tensor]:
-        """This rank's row after the flag, in :mod:`dist_ohem.row`'s column order."""
         key_bits = torch.iinfo(key_dtype or key_dtype_for(batch.dtype)).bits
         config = self._fingerprints[bool(self._on_device)](caller_config)
-        return [
-            batch.numel,
-            config,
-            key_bits,
-            self.num_calls,
-            kind,
-            row.agreement_hash(config, key_bits, self.num_calls, kind),
-            batch.num_valid,
-            batch.num_nan,
-            batch.num_forced,
-            batch.num_above,
-            batch.min_above_key,
-        ]
-
-    def _late_rows(
-        self, rows: torch.Tensor | None, columns: list[int | torch.Tensor], error: str | None
-    ) -> Callable[[], list[list[int]]]:
-        """What the pending check reads: the gathered rows on their way to the host, or
-        with one rank (no rows) this rank's row, whose NaN count is on its way."""
-        if rows is not None:
-            late = comm.LateRead(rows, self._device)
-            return lambda: row.read(late)
-        nan = columns[row.NAN - 1]
-        late_nan = comm.LateRead(nan, self._device) if isinstance(nan, torch.Tensor) else None
-        host = [int(error is not None), *(0 if isinstance(c, torch.Tensor) else c for c in columns)]
-
-        def read() -> list[list[int]]:
-            host[row.NAN] = nan if late_nan is None else late_nan.tolist()
-            return [host]
-
-        return read
+        return row.columns(batch, config, key_bits, self.num_calls, kind)
 
     def _raise_pending(self) -> None:
         """Check the previous call's rows (deferred mode); every rank raises alike."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            self._check(pending.rows(), pending.error)
-
-    def _check(self, rows: list[list[int]], error: str | None) -> None:
-        own_nan = rows[comm.get_rank(self.group)][row.NAN]
-        row.check(rows, error, self.nan, lambda: own_nan, self.group)
+            row.check(pending.read(), pending.error, self.nan, None, self.group)
 
     def _check_key_dtype(self, batch: LocalBatch) -> None:
         key_dtype = key_dtype_for(batch.dtype)
@@ -340,9 +303,9 @@ class HardExampleSelector:
         return empty_batch(like)
 
     def _eager(self) -> bool:
-        if self.checking == "auto":
-            return self._device.type == "cpu"
-        return self.checking == "eager"
+        """Whether this call checks at once: ``check="auto"`` is eager on CPU only."""
+        auto = self.checking == "auto"
+        return self._device.type == "cpu" if auto else self.checking == "eager"
 
 
 def _nothing(losses: torch.Tensor) -> torch.Tensor:

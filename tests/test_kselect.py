@@ -9,7 +9,6 @@ radix, zero-width key ranges.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from collections.abc import Iterator
