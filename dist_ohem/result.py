@@ -87,8 +87,8 @@ class SelectionResult:
             order; for ``neg_pos_ratio`` the least hard selected negative). For
             ``scope="local"`` this rank's own; NaN when nothing was chosen by hardness
             (no candidate selected, or scope ``"random"`` / ``"all"``).
-        strategy: how the selection was reached: ``"gather"``, ``"radix"``,
-            ``"bracket"`` (the host algorithms), ``"static"`` (the read-free algorithm of
+        strategy: how the selection was reached: ``"gather"`` or ``"bracket"`` (the
+            host path's algorithms), ``"static"`` (the read-free algorithm of
             :func:`dist_ohem.kselect.top_m_sorted`, taken on accelerators and by
             ``check="deferred"``) or ``"none"`` (no exchange of losses: scope
             ``"local"`` / ``"all"``).

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dist_ohem import HardExampleSelector, SelectionRule, select_mask
+from dist_ohem import HardExampleSelector
+from dist_ohem.selection import SelectionRule, select_mask
 
 NUM_CLASSES = 4
 IGNORE = -100

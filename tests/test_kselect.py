@@ -21,21 +21,16 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_ohem import (
-    HardExampleSelector,
-    SelectionRule,
-    bracket,
-    kselect,
-    numpy_host,
-    select_mask,
-)
+from dist_ohem import HardExampleSelector, bracket, kselect, numpy_host
 from dist_ohem.comm import all_gather_equal, get_rank
 from dist_ohem.selection import (
     KEY_SENTINEL,
+    SelectionRule,
     hardness_key,
     hardness_key_of,
     key_dtype_for,
     key_from_descending,
+    select_mask,
     top_m_mask,
 )
 from tests.parity import rank_slice

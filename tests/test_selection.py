@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_ohem import (
-    HardExampleSelector,
+from dist_ohem import HardExampleSelector
+from dist_ohem.selection import (
     SelectionRule,
     exact_ceil,
     exact_floor,

@@ -12,9 +12,10 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_ohem import HardExampleSelector, SelectionRule, select_mask
+from dist_ohem import HardExampleSelector
 from dist_ohem.comm import get_rank
 from dist_ohem.on_host import AUTO_BRACKET_MIN_KEYS
+from dist_ohem.selection import SelectionRule, select_mask
 from tests.parity import Case, global_losses, rank_slice, reference_mask
 from tests.test_selection import rules
 
