@@ -98,7 +98,9 @@ class DevicePath:
         if not local or numel > _TABLE_MAX_NUMEL:
             candidates = valid - forced if rule.needs_positive else valid
             return rule.num_candidates_to_select(valid, forced, candidates, above)
-        # torch.take: indexing with a 0-dim tensor would read it as a Python int.
+        # torch.take: indexing with a 0-dim tensor would read it as a Python int. A
+        # rejected batch counts 0 as a Python int.
+        valid, forced, above = (counts.device_scalar(c) for c in (valid, forced, above))
         table = self._cached("table", numel, counts.device)
         if rule.needs_positive:  # the table is indexed by P; clamp to the negatives
             return table.take(forced).minimum(valid - forced)

@@ -145,3 +145,7 @@ def test_the_script_reports_the_three_counts():
     assert all(0 < n < 1000 for n in counts.values())
     # W = 4 runs the same stages with more ranks to combine: never fewer calls
     assert counts["torch_calls_device_256_w4"] >= counts["torch_calls_device_256"]
+    # The device path's budget (docs/DESIGN.md §13): lighter than the host path at W = 1,
+    # at most 30 calls there and 65 at W = 4 (15-30 us of host time each on a GPU).
+    assert counts["torch_calls_device_256"] <= min(30, counts["torch_calls_host_256"])
+    assert counts["torch_calls_device_256_w4"] <= 65
