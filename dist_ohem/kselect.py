@@ -55,6 +55,7 @@ __all__ = [
 
 #: Bits of the m-th key resolved per radix round: 2^11 parts, 3 rounds for 32-bit keys.
 RADIX_BITS = 11
+_KEY_MAX = {torch.int32: 2**31 - 1, torch.int64: 2**63 - 1}
 #: Loss dtype -> (numpy key dtype, its sign bit, its max): hardness_key's constants.
 _NUMPY_KEY_DTYPES = {
     torch.float32: ("int32", 31, 0x7FFFFFFF),
@@ -382,7 +383,7 @@ def hardness_sort(
         positions: ``arange(n)`` on ``device``, the keys' device, cached by the caller.
     """
     if candidate is not None:
-        ranked = ranked.where(candidate, torch.iinfo(key_dtype).max)
+        ranked = ranked.where(candidate, _KEY_MAX[key_dtype])
     ranked, order = ranked.sort(stable=True)
     return HardnessOrder(ranked, order, positions, key_dtype, device)
 

@@ -98,14 +98,14 @@ class DevicePath:
         if not local or numel > _TABLE_MAX_NUMEL:
             candidates = valid - forced if rule.needs_positive else valid
             return rule.num_candidates_to_select(valid, forced, candidates, above)
-        # torch.take: indexing with a 0-dim tensor would read it as a Python int. A
-        # rejected batch counts 0 as a Python int.
-        valid, forced, above = (counts.device_scalar(c) for c in (valid, forced, above))
+        # torch.take: indexing with a 0-dim tensor would read it as a Python int. (A
+        # rejected batch's counts are Python ints.)
         table = self._cached("table", numel, counts.device)
         if rule.needs_positive:  # the table is indexed by P; clamp to the negatives
-            return table.take(forced).minimum(valid - forced)
-        m = table.take(valid)
-        return m.maximum(above) if rule.loss_thresh is not None else m
+            m = table.take(counts.device_scalar(forced))
+            return m.minimum(counts.device_scalar(valid - forced))
+        m = table.take(counts.device_scalar(valid))
+        return m.maximum(counts.device_scalar(above)) if rule.loss_thresh is not None else m
 
     def _cached(self, what: str, numel: int, device: torch.device) -> torch.Tensor:
         """``arange(numel)`` (``"positions"``) or :meth:`_table`, once per batch size."""

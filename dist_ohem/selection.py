@@ -37,6 +37,7 @@ __all__ = [
 _EXACT_TOL = 1e-9
 _INT_FOR_FLOAT = {torch.float32: torch.int32, torch.float64: torch.int64}
 _INT_MAX = {torch.int32: 2**31 - 1, torch.int64: 2**63 - 1}
+_SIGN_SHIFT = {torch.int32: 31, torch.int64: 63}
 #: Never produced by ``hardness_key`` for a non-NaN loss: marks "not a candidate".
 KEY_SENTINEL = {torch.int32: -(2**31), torch.int64: -(2**63)}
 
@@ -127,7 +128,7 @@ def hardness_key_of(
     # Non-negative floats already order as signed ints; negative floats order in
     # reverse, so flip all bits but the sign to reverse them back: the arithmetic shift
     # gives -1 for negatives, masked to INT_MAX, 0 otherwise.
-    flip = bits >> (torch.iinfo(int_dtype).bits - 1)
+    flip = bits >> _SIGN_SHIFT[int_dtype]
     flip &= _INT_MAX[int_dtype]
     bits ^= flip
     return bits
