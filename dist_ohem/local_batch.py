@@ -33,6 +33,7 @@ class LocalBatch:
     num_valid: int | torch.Tensor = 0
     num_nan: int | torch.Tensor = 0
     num_forced: int | torch.Tensor = 0
+    num_positive: int | torch.Tensor = 0
     num_above: int | torch.Tensor = 0
     min_above_key: int | torch.Tensor = NO_KEY
     valid: torch.Tensor | None = None
@@ -40,6 +41,11 @@ class LocalBatch:
     @property
     def numel(self) -> int:
         return self.shape.numel()
+
+    @property
+    def num_examples(self) -> int:
+        """Rows of dim 0 (1 for a 0-dim loss): what ``min_kept_per="example"`` counts."""
+        return self.shape[0] if len(self.shape) else 1
 
     @functools.cached_property
     def keys(self) -> torch.Tensor:
@@ -70,23 +76,7 @@ def prepare(
     Raises TypeError / ValueError for bad input; the selector reports it through the
     row exchange, so that every rank raises it.
     """
-    dtype = losses.dtype if isinstance(losses, torch.Tensor) else None
-    if dtype is None or not dtype.is_floating_point:
-        raise TypeError(
-            "losses must be a floating-point tensor of per-instance losses, got "
-            f"{dtype or type(losses).__name__}"
-        )
-    shape = losses.shape
-    for name, extra in (("valid", valid), ("positive", positive)):
-        if extra is not None and tuple(extra.shape) != tuple(shape):
-            raise ValueError(
-                f"`{name}` has shape {tuple(extra.shape)} but losses have shape "
-                f"{tuple(shape)}; pass one mask entry per loss"
-            )
-    if rule.needs_positive and positive is None and scope != "all":
-        raise ValueError(
-            "neg_pos_ratio needs `positive=`, a bool mask marking the positive instances"
-        )
+    dtype, shape = _checked(losses, valid, positive, rule.needs_positive and scope != "all")
     flat = losses.detach() if len(shape) == 1 else losses.detach().reshape(-1)
     numel = shape.numel()
     batch = LocalBatch(flat, shape, dtype, losses.device, num_valid=numel)
@@ -105,10 +95,13 @@ def prepare(
         usable = ~nan if usable is None else usable & ~nan
     if usable is not None:
         batch.num_valid = usable.sum()
+    flat_positive = None if positive is None else positive.reshape(-1).to(torch.bool)
+    if flat_positive is not None:
+        batch.num_positive = (flat_positive if usable is None else flat_positive & usable).sum()
     if rule.needs_positive and scope != "all":
         valid_mask = torch.ones_like(flat, dtype=torch.bool) if usable is None else usable
-        batch.forced, batch.candidate = rule.split(valid_mask, positive.reshape(-1).to(torch.bool))
-        batch.num_forced = batch.forced.sum()
+        batch.forced, batch.candidate = rule.split(valid_mask, flat_positive)
+        batch.num_forced = batch.num_positive
     else:
         batch.candidate = usable
     if rule.loss_thresh is not None and scope != "all":
@@ -117,6 +110,33 @@ def prepare(
         if numel:
             batch.min_above_key = batch.keys.to(torch.int64).where(batch.above, NO_KEY).min()
     return batch
+
+
+def _checked(
+    losses: object,
+    valid: torch.Tensor | None,
+    positive: torch.Tensor | None,
+    needs_positive: bool,
+) -> tuple[torch.dtype, torch.Size]:
+    """The losses' dtype and shape, after the checks of :func:`prepare`."""
+    dtype = losses.dtype if isinstance(losses, torch.Tensor) else None
+    if dtype is None or not dtype.is_floating_point:
+        raise TypeError(
+            "losses must be a floating-point tensor of per-instance losses, got "
+            f"{dtype or type(losses).__name__}"
+        )
+    shape = losses.shape
+    for name, extra in (("valid", valid), ("positive", positive)):
+        if extra is not None and tuple(extra.shape) != tuple(shape):
+            raise ValueError(
+                f"`{name}` has shape {tuple(extra.shape)} but losses have shape "
+                f"{tuple(shape)}; pass one mask entry per loss"
+            )
+    if needs_positive and positive is None:
+        raise ValueError(
+            "neg_pos_ratio needs `positive=`, a bool mask marking the positive instances"
+        )
+    return dtype, shape
 
 
 def empty_batch(losses: object) -> LocalBatch:

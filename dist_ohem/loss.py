@@ -15,6 +15,7 @@ from dist_ohem.selector import HardExampleSelector, SelectionResult
 
 __all__ = [
     "OHEMLoss",
+    "check_normalizer",
     "global_mean_loss",
     "masked_loss",
     "normalization_scale",
@@ -22,6 +23,8 @@ __all__ = [
 ]
 
 REDUCTIONS = ("mean", "sum")
+#: What ``reduction="mean"`` divides by, over all ranks (docs/DESIGN.md §4).
+NORMALIZERS = ("selected", "valid", "instances", "positives")
 
 
 def per_instance_criterion(
@@ -57,7 +60,13 @@ class OHEMLoss(nn.Module):
     Args:
         criterion: a torch loss module (used with ``reduction="none"``), or a callable
             ``(input, target) -> per-instance losses``.
-        reduction: ``"mean"``: divide by the global number selected M; ``"sum"``: don't.
+        reduction: ``"mean"``: divide by ``normalizer``'s global count; ``"sum"``: don't.
+        normalizer: what ``"mean"`` divides by, counted over all ranks: ``"selected"``
+            (default: M, the mean over the selected instances), ``"valid"`` (K, the
+            non-ignored instances: mmseg's ``avg_non_ignore=True``), ``"instances"``
+            (every instance, ignored ones included: mmseg's default, N·H·W) or
+            ``"positives"`` (the valid instances of ``positive``, at least 1: SSD's
+            number of foreground anchors). Each is at least 1.
         grad_average: the engine averages gradients over ranks (DDP, Accelerate,
             DeepSpeed do), so multiply by the world size W to undo that. Set False
             when gradients are summed.
@@ -96,6 +105,7 @@ class OHEMLoss(nn.Module):
         criterion: nn.Module | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         *,
         reduction: str = "mean",
+        normalizer: str = "selected",
         grad_average: bool = True,
         ignore_index: int | None = None,
         selector: HardExampleSelector | None = None,
@@ -105,6 +115,7 @@ class OHEMLoss(nn.Module):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_normalizer(normalizer)
         if selector is not None and selector_kwargs:
             raise ValueError(
                 "pass either selector= or the selector's keyword arguments, not both "
@@ -114,6 +125,7 @@ class OHEMLoss(nn.Module):
         # Kept out of the module tree: it shares the user's parameters and buffers.
         object.__setattr__(self, "_per_instance", per_instance_criterion(criterion))
         self.reduction = reduction
+        self.normalizer = normalizer
         self.grad_average = grad_average
         self.ignore_index = (
             ignore_index if ignore_index is not None else getattr(criterion, "ignore_index", None)
@@ -125,6 +137,7 @@ class OHEMLoss(nn.Module):
         self._caller_config = (
             "OHEMLoss",
             reduction,
+            normalizer,
             grad_average,
             self.ignore_index,
             sync_mean_loss,
@@ -157,7 +170,14 @@ class OHEMLoss(nn.Module):
         ranked = losses if score is None else score
         result = self.selector(ranked, valid, positive, caller_config=self._caller_config)
         self._finish(result, losses.detach())
-        return masked_loss(losses, result, self.reduction, self.grad_average, self.selector.group)
+        return masked_loss(
+            losses,
+            result,
+            self.reduction,
+            self.grad_average,
+            self.selector.group,
+            self.normalizer,
+        )
 
     def fail(self, message: str, like: torch.Tensor | None = None) -> torch.Tensor:
         """Join this step's selection with an error, for a rank that has no losses.
@@ -211,23 +231,37 @@ def global_mean_loss(
     return total / result.on_device.num_selected_global.clamp(min=1)
 
 
+def check_normalizer(normalizer: str) -> None:
+    """Raise ValueError unless ``normalizer`` is one of :data:`NORMALIZERS`."""
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+
+
 def normalization_scale(
     result: SelectionResult,
     reduction: str = "mean",
     grad_average: bool = True,
     group: object = None,
+    normalizer: str = "selected",
 ) -> torch.Tensor:
-    """``c / M`` of docs/DESIGN.md §4 (``c`` = world size when ``grad_average``, else 1).
+    """``c / D`` of docs/DESIGN.md §4 (``c`` = world size when ``grad_average``, else 1).
 
-    ``reduction="sum"`` drops the ``1 / M``; with M = 0 the divisor is 1 (nothing
-    selected). A 0-dim float64 tensor on the mask's device, from the selection's
+    ``D`` is ``normalizer``'s global count (:data:`NORMALIZERS`: M selected, K valid,
+    every instance, or the valid positives), at least 1; ``reduction="sum"`` drops the
+    ``1 / D``. A 0-dim float64 tensor on the mask's device, from the selection's
     device-side counts: nothing is read back.
     """
-    selected = result.on_device.num_selected_global
+    counts = result.on_device
+    divisor = {
+        "selected": counts.num_selected_global,
+        "valid": counts.num_valid_global,
+        "instances": counts.num_instances_global,
+        "positives": counts.num_positive_global,
+    }[normalizer]
     scale = float(comm.get_world_size(group) if grad_average else 1)
     if reduction == "mean":
-        return scale / selected.clamp(min=1).to(torch.float64)
-    return selected.new_full((), scale, dtype=torch.float64)
+        return scale / divisor.clamp(min=1).to(torch.float64)
+    return divisor.new_full((), scale, dtype=torch.float64)
 
 
 def masked_loss(
@@ -236,8 +270,10 @@ def masked_loss(
     reduction: str = "mean",
     grad_average: bool = True,
     group: object = None,
+    normalizer: str = "selected",
 ) -> torch.Tensor:
-    """``(c / M) * sum(losses[result.mask])`` per docs/DESIGN.md §4, connected to the graph.
+    """``(c / D) * sum(losses[result.mask])`` per docs/DESIGN.md §4, connected to the graph
+    (``D``: see :func:`normalization_scale`).
 
     With nothing selected the value is 0 but still depends on ``losses``, so the
     backward pass and DDP's gradient all-reduce run on every rank. ``torch.where`` (not
@@ -245,7 +281,7 @@ def masked_loss(
     """
     zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
     total = torch.where(result.mask, losses, zero).sum()
-    return scaled(total, normalization_scale(result, reduction, grad_average, group))
+    return scaled(total, normalization_scale(result, reduction, grad_average, group, normalizer))
 
 
 def scaled(total: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ class DevicePath:
         self.scope = scope
         self.seed = seed
         self.group = group
-        self._cache: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     def select(
         self, batch: LocalBatch, rows: torch.Tensor | None, agreement: int, call: int
@@ -66,20 +66,25 @@ class DevicePath:
             mask = batch.with_forced(batch.candidate_mask())
             return self._result(mask, counts, lambda: counts.per_rank(row.VALID), None, batch)
         local = self.scope == "local" or rows is None
-        m = self._num_to_select(counts, local, batch.numel)
+        m = self._num_to_select(counts, local, batch)
         if rows is not None:
             m = m.where(counts.total(row.AGREE) == agreement * counts.world_size, 0)
         world_size = 1 if local else counts.world_size
         key_dtype = torch.int32 if self.scope == "random" else key_dtype_for(batch.dtype)
-        positions = self._cached("positions", batch.numel, batch.device)
+        positions = self._positions(batch.numel, batch.device)
         ranked = self._ranked_keys(batch, counts, call, positions)
         hard = kselect.hardness_sort(ranked, batch.candidate, key_dtype, positions, batch.device)
         chosen = kselect.top_m_sorted(hard, m, self.group, world_size, counts.rank)
 
         def per_rank() -> torch.Tensor:
             if self.scope == "local" and rows is not None:  # every rank's own M
-                valid, forced, above = (rows[:, c] for c in (row.VALID, row.FORCED, row.ABOVE))
-                picked = self.rule.num_candidates_to_select(valid, forced, valid - forced, above)
+                valid, examples, forced, above = (
+                    rows[:, c] for c in (row.VALID, row.EXAMPLES, row.FORCED, row.ABOVE)
+                )
+                floor = self.rule.floor(valid, examples)
+                picked = self.rule.num_candidates_to_select(
+                    valid, forced, valid - forced, above, floor
+                )
             else:
                 picked = chosen.per_rank
             return counts.per_rank(row.FORCED) + picked
@@ -87,48 +92,55 @@ class DevicePath:
         kth = None if self.scope == "random" else (chosen, m)
         return self._result(batch.with_forced(chosen.picked), counts, per_rank, kth, batch)
 
-    def _num_to_select(self, counts: _Counts, local: bool, numel: int) -> torch.Tensor:
+    def _num_to_select(self, counts: _Counts, local: bool, batch: LocalBatch) -> torch.Tensor:
         """M's candidates, from this rank's counts (``local``) or the global ones."""
-        valid, forced, above = (
-            counts.own(row.VALID) if local else counts.total(row.VALID),
-            counts.own(row.FORCED) if local else counts.total(row.FORCED),
-            counts.own(row.ABOVE) if local else counts.total(row.ABOVE),
-        )
         rule = self.rule
-        if not local or numel > _TABLE_MAX_NUMEL:
+        get = counts.own if local else counts.total
+        valid, forced, above = get(row.VALID), get(row.FORCED), get(row.ABOVE)
+        tabled = local and batch.numel <= _TABLE_MAX_NUMEL
+        if not tabled or (rule.needs_positive and rule.min_kept_fraction):
+            examples = batch.num_examples if local else counts.total(row.EXAMPLES)
+            floor = rule.floor(valid, examples, 1 if local else counts.world_size)
             candidates = valid - forced if rule.needs_positive else valid
-            return rule.num_candidates_to_select(valid, forced, candidates, above)
+            return rule.num_candidates_to_select(valid, forced, candidates, above, floor)
         # torch.take: indexing with a 0-dim tensor would read it as a Python int. (A
         # rejected batch's counts are Python ints.)
-        table = self._cached("table", numel, counts.device)
+        table = self._table(batch.numel, batch.num_examples, batch.device)
         if rule.needs_positive:  # the table is indexed by P; clamp to the negatives
             m = table.take(counts.device_scalar(forced))
             return m.minimum(counts.device_scalar(valid - forced))
         m = table.take(counts.device_scalar(valid))
         return m.maximum(counts.device_scalar(above)) if rule.loss_thresh is not None else m
 
-    def _cached(self, what: str, numel: int, device: torch.device) -> torch.Tensor:
-        """``arange(numel)`` (``"positions"``) or :meth:`_table`, once per batch size."""
-        key = (what, numel, device)
+    def _positions(self, numel: int, device: torch.device) -> torch.Tensor:
+        """``arange(numel)`` on ``device``, once per batch size."""
+        return self._cached(("positions", numel, device), lambda: torch.arange(numel))
+
+    def _table(self, numel: int, examples: int, device: torch.device) -> torch.Tensor:
+        """The rule evaluated at every count from 0 to ``numel``, once per batch size.
+
+        Indexed by the valid count K, or for ``neg_pos_ratio`` by the positives P (then
+        clamped to the negatives; its floor must not depend on K); for ``loss_thresh``
+        it holds the floor (at most K) under the count above the threshold. The same
+        IEEE operations as the rule on scalars, so the same integers.
+        """
+
+        def evaluated() -> torch.Tensor:
+            count = torch.arange(numel + 1)
+            floor = self.rule.floor(count, examples)
+            if self.rule.needs_positive:
+                return self.rule.num_candidates_to_select(count, count, numel, 0, floor)
+            return self.rule.num_candidates_to_select(count, 0, count, 0, floor)
+
+        return self._cached(("table", numel, examples, device), evaluated)
+
+    def _cached(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``make()`` on ``key[-1]``, the device, made once per key (a few kept)."""
         if key not in self._cache:
             if len(self._cache) >= 16:
                 self._cache.clear()
-            made = torch.arange(numel) if what == "positions" else self._table(numel)
-            self._cache[key] = made.to(device)
+            self._cache[key] = make().to(key[-1])
         return self._cache[key]
-
-    def _table(self, numel: int) -> torch.Tensor:
-        """The rule evaluated at every count from 0 to ``numel``.
-
-        Indexed by the valid count K, or for ``neg_pos_ratio`` by the positives P (then
-        clamped to the negatives); for ``loss_thresh`` it holds ``min(K, min_kept)``, the
-        floor under the count above the threshold. The same IEEE operations as the rule
-        on scalars, so the same integers.
-        """
-        count = torch.arange(numel + 1)
-        if self.rule.needs_positive:
-            return self.rule.num_candidates_to_select(count, count, numel, 0)
-        return self.rule.num_candidates_to_select(count, 0, count, 0)
 
     def _ranked_keys(
         self, batch: LocalBatch, counts: _Counts, call: int, positions: torch.Tensor
@@ -156,7 +168,8 @@ class DevicePath:
                 kth_key = key_from_descending(chosen.kth_ranked).to(torch.int64)
                 kth_key = kth_key.where(m > 0, NO_KEY)
             totals = (
-                counts.device_scalar(counts.total(c)) for c in (row.VALID, row.NAN, row.NUMEL)
+                counts.device_scalar(counts.total(c))
+                for c in (row.VALID, row.NAN, row.NUMEL, row.POSITIVE)
             )
             return pack_counts(*totals, kth_key, per_rank(), counts.rank)
 
@@ -214,6 +227,8 @@ class _Counts:
             row.NUMEL: batch.numel,
             row.VALID: batch.num_valid,
             row.NAN: batch.num_nan,
+            row.EXAMPLES: batch.num_examples,
             row.FORCED: batch.num_forced,
+            row.POSITIVE: batch.num_positive,
             row.ABOVE: batch.num_above,
         }[column]

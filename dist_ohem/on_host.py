@@ -20,7 +20,18 @@ import torch.distributed as dist
 from dist_ohem import bracket, comm, kselect
 from dist_ohem.local_batch import LocalBatch
 from dist_ohem.result import NO_KEY, SelectionResult, host_counts
-from dist_ohem.row import ABOVE, FORCED, KEY_BITS, MIN_ABOVE_KEY, NAN, NUMEL, VALID, WIDTH
+from dist_ohem.row import (
+    ABOVE,
+    EXAMPLES,
+    FORCED,
+    KEY_BITS,
+    MIN_ABOVE_KEY,
+    NAN,
+    NUMEL,
+    POSITIVE,
+    VALID,
+    WIDTH,
+)
 from dist_ohem.selection import SelectionRule, random_keys, top_m_mask
 
 __all__ = ["AUTO_BRACKET_MIN_KEYS", "HostPath", "count_nan"]
@@ -86,7 +97,7 @@ class HostPath:
             per_rank = [row[VALID] for row in rows]
             strategy = "none"
         elif self.scope == "local":
-            picked_per_rank = [min(_candidates(row), self._num_to_select(row)) for row in rows]
+            picked_per_rank = [min(_candidates(row), self._num_to_select(row, 1)) for row in rows]
             picked = top_m_mask(batch.keys, batch.candidate_mask(), picked_per_rank[rank])
             mask = batch.with_forced(picked)
             per_rank = _add([row[FORCED] for row in rows], picked_per_rank)
@@ -110,6 +121,7 @@ class HostPath:
             per_rank[rank],
             sum(row[NAN] for row in rows),
             sum(row[NUMEL] for row in rows),
+            sum(row[POSITIVE] for row in rows),
             kth_key,
             per_rank,
         )
@@ -128,10 +140,12 @@ class HostPath:
             return batch.losses.new_zeros(payload.words, dtype=torch.int64)
         return keys.view(torch.int64)
 
-    def _num_to_select(self, row: list[int]) -> int:
-        """Candidates to select given the counts of one row (or of the summed rows)."""
+    def _num_to_select(self, row: list[int], world_size: int) -> int:
+        """Candidates to select given the counts of one row (or of the summed rows of
+        ``world_size`` ranks)."""
+        floor = self.rule.floor(row[VALID], row[EXAMPLES], world_size)
         return self.rule.num_candidates_to_select(
-            row[VALID], row[FORCED], _candidates(row), row[ABOVE]
+            row[VALID], row[FORCED], _candidates(row), row[ABOVE], floor
         )
 
     # -- payload ------------------------------------------------------------------------
@@ -183,7 +197,7 @@ class HostPath:
             least hard picked candidate or None if none).
         """
         totals = [sum(column) for column in zip(*rows, strict=True)]
-        num_to_select = self._num_to_select(totals)
+        num_to_select = self._num_to_select(totals, len(rows))
         num_candidates = _candidates(totals)
         numel_per_rank = [row[NUMEL] for row in rows]
         if num_to_select == 0:

@@ -15,7 +15,7 @@ __all__ = ["NO_KEY", "DeviceCounts", "SelectionResult", "host_counts", "pack_cou
 NO_KEY = 2**63 - 1  # the threshold key of "nothing chosen by hardness"
 
 # Positions in the packed counts vector; the selected count of every rank follows.
-_VALID, _SELECTED, _LOCAL, _NAN, _INSTANCES, _KTH_KEY, _PER_RANK = range(7)
+_VALID, _SELECTED, _LOCAL, _NAN, _INSTANCES, _POSITIVE, _KTH_KEY, _PER_RANK = range(8)
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,14 @@ class DeviceCounts:
     selected_per_rank: torch.Tensor
     num_nan_global: torch.Tensor
     num_instances_global: torch.Tensor
+    num_positive_global: torch.Tensor
 
 
 def pack_counts(
     num_valid: torch.Tensor,
     num_nan: torch.Tensor,
     num_instances: torch.Tensor,
+    num_positive: torch.Tensor,
     kth_key: torch.Tensor,
     selected_per_rank: torch.Tensor,
     rank: int,
@@ -51,6 +53,7 @@ def pack_counts(
         selected_per_rank[rank],
         num_nan,
         num_instances,
+        num_positive,
         kth_key,
     ]
     return torch.cat([torch.stack(head), selected_per_rank])
@@ -61,12 +64,13 @@ def host_counts(
     num_selected_local: int,
     num_nan: int,
     num_instances: int,
+    num_positive: int,
     kth_key: int | None,
     selected_per_rank: list[int],
 ) -> list[int]:
     """:func:`pack_counts` as a Python list, for counts already on the host."""
     head = [num_valid, sum(selected_per_rank), num_selected_local, num_nan, num_instances]
-    return [*head, NO_KEY if kth_key is None else kth_key, *selected_per_rank]
+    return [*head, num_positive, NO_KEY if kth_key is None else kth_key, *selected_per_rank]
 
 
 class SelectionResult:
@@ -95,6 +99,8 @@ class SelectionResult:
         scope: the selector's scope.
         num_nan_global: NaN losses over all ranks (invalid under ``nan="ignore"``).
         num_instances_global: all instances over all ranks, valid or not.
+        num_positive_global: valid instances marked ``positive`` over all ranks (0
+            when no ``positive`` mask was given).
     """
 
     def __init__(
@@ -129,7 +135,13 @@ class SelectionResult:
         """The counts as tensors on the mask's device (no host read)."""
         c = self._packed()
         return DeviceCounts(
-            c[_VALID], c[_SELECTED], c[_LOCAL], c[_PER_RANK:], c[_NAN], c[_INSTANCES]
+            c[_VALID],
+            c[_SELECTED],
+            c[_LOCAL],
+            c[_PER_RANK:],
+            c[_NAN],
+            c[_INSTANCES],
+            c[_POSITIVE],
         )
 
     def _packed(self) -> torch.Tensor:
@@ -167,6 +179,10 @@ class SelectionResult:
     @property
     def num_instances_global(self) -> int:
         return self._read()[_INSTANCES]
+
+    @property
+    def num_positive_global(self) -> int:
+        return self._read()[_POSITIVE]
 
     @property
     def threshold(self) -> float:

@@ -1,11 +1,11 @@
 """The row every selector call exchanges: its columns, the fingerprint, the checks.
 
 A row is one int64 vector per rank (docs/DESIGN.md §5, §7). Its first part holds host
-numbers that the ranks must agree on: the error flag, the instance count, the
-configuration fingerprint, the key width, the call count, the kind of call and
+numbers: the error flag, the instance and example counts, then what the ranks must agree
+on: the configuration fingerprint, the key width, the call count, the kind of call and
 :func:`agreement_hash` of the four before it. The rest holds this rank's counts, device
-values on an accelerator: valid, NaN, forced, above the threshold, and the least key
-above it. One all-gather (:func:`gather`) gives every rank every row; every rank then
+values on an accelerator: valid, NaN, forced, valid positives, above the threshold, and
+the least key above it. One all-gather (:func:`gather`) gives every rank every row; every rank then
 reads the same rows, so :func:`check` raises the same error on all of them, at once
 (eager checks) or from a :class:`Pending` read at the next call (deferred checks).
 """
@@ -40,6 +40,7 @@ __all__ = [
 (
     FLAG,
     NUMEL,
+    EXAMPLES,
     CONFIG,
     KEY_BITS,
     CALLS,
@@ -48,10 +49,11 @@ __all__ = [
     VALID,
     NAN,
     FORCED,
+    POSITIVE,
     ABOVE,
     MIN_ABOVE_KEY,
-) = range(12)
-WIDTH = 12
+) = range(14)
+WIDTH = 14
 #: What a row was sent by: a selector call, or ``HardExampleSelector.check``.
 CALL, CHECK = 0, 1
 #: The columns compared across ranks, with what differs and how to fix it.
@@ -115,6 +117,7 @@ def columns(
     """This rank's row after the flag, in column order (device counts stay tensors)."""
     return [
         batch.numel,
+        batch.num_examples,
         config,
         key_bits,
         calls,
@@ -123,6 +126,7 @@ def columns(
         batch.num_valid,
         batch.num_nan,
         batch.num_forced,
+        batch.num_positive,
         batch.num_above,
         batch.min_above_key,
     ]

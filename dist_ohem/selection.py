@@ -40,6 +40,8 @@ _INT_MAX = {torch.int32: 2**31 - 1, torch.int64: 2**63 - 1}
 _SIGN_SHIFT = {torch.int32: 31, torch.int64: 63}
 #: Never produced by ``hardness_key`` for a non-NaN loss: marks "not a candidate".
 KEY_SENTINEL = {torch.int32: -(2**31), torch.int64: -(2**63)}
+#: What ``SelectionRule.min_kept`` counts per (``min_kept_per``).
+MIN_KEPT_UNITS = ("batch", "rank", "example")
 
 
 def _slack(x: float | torch.Tensor) -> float | torch.Tensor:
@@ -86,6 +88,11 @@ def _max(a: Count, b: Count) -> Count:
     if isinstance(a, torch.Tensor):
         return torch.maximum(a, b) if isinstance(b, torch.Tensor) else a.clamp(min=b)
     return b.clamp(min=a) if isinstance(b, torch.Tensor) else max(a, b)
+
+
+def _is_zero(count: Count) -> bool:
+    """Whether ``count`` is the Python int 0 (a tensor is never known to be)."""
+    return isinstance(count, int) and count == 0
 
 
 def key_dtype_for(loss_dtype: torch.dtype) -> torch.dtype:
@@ -219,11 +226,17 @@ def hardness_order(losses: torch.Tensor, valid: torch.Tensor | None = None) -> t
 
 @dataclass(frozen=True)
 class SelectionRule:
-    """One rule of DESIGN.md §3 plus ``min_kept``. Exactly one of the four parameters is set.
+    """One rule of DESIGN.md §3 plus its floor. Exactly one of the four parameters is set.
 
     Every rule reduces to "all *forced* instances plus the hardest ``m`` *candidates*":
     forced instances are the valid positives of ``neg_pos_ratio`` (none otherwise),
     candidates are the other valid instances, and ``m`` depends only on global counts.
+
+    The floor under ``m`` (:meth:`floor`) is the larger of ``min_kept`` times its unit
+    (``min_kept_per``: ``"batch"``, the whole distributed batch, the default; ``"rank"``,
+    times the world size W, for code that counts it per GPU; ``"example"``, times the
+    number of examples, dim 0 of the losses, over all ranks, as mmseg does per image)
+    and ``floor(min_kept_fraction * K)`` (BiSeNet's ``n_valid // 16`` is 1/16).
     """
 
     keep: float | None = None
@@ -231,6 +244,8 @@ class SelectionRule:
     loss_thresh: float | None = None
     neg_pos_ratio: float | None = None
     min_kept: int = 0
+    min_kept_per: str = "batch"
+    min_kept_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         given = [
@@ -253,6 +268,24 @@ class SelectionRule:
             raise ValueError(f"neg_pos_ratio must be >= 0, got {self.neg_pos_ratio}")
         if self.loss_thresh is not None and math.isnan(self.loss_thresh):
             raise ValueError("loss_thresh must not be NaN")
+        if self.min_kept_per not in MIN_KEPT_UNITS:
+            raise ValueError(
+                f"min_kept_per must be one of {MIN_KEPT_UNITS}, got {self.min_kept_per!r}"
+            )
+        if not (0.0 <= self.min_kept_fraction <= 1.0):
+            raise ValueError(f"min_kept_fraction must be in [0, 1], got {self.min_kept_fraction}")
+
+    def floor(self, num_valid: Count, num_examples: Count = 0, world_size: int = 1) -> Count:
+        """The floor under the number selected: see the class docstring.
+
+        ``num_examples``: examples over all ranks (for ``min_kept_per="example"``).
+        Python ints, or 0-dim int64 tensors (then a tensor, computed on their device).
+        """
+        unit = {"batch": 1, "rank": world_size, "example": num_examples}[self.min_kept_per]
+        fixed = self.min_kept * unit
+        if not self.min_kept_fraction:
+            return fixed
+        return _max(fixed, exact_floor(_scaled(self.min_kept_fraction, num_valid)))
 
     @property
     def needs_positive(self) -> bool:
@@ -277,24 +310,31 @@ class SelectionRule:
         return candidate & (losses.double() > self.loss_thresh)
 
     def num_candidates_to_select(
-        self, num_valid: Count, num_forced: Count, num_candidates: Count, num_above: Count
+        self,
+        num_valid: Count,
+        num_forced: Count,
+        num_candidates: Count,
+        num_above: Count,
+        floor: Count | None = None,
     ) -> Count:
         """How many candidates to select, from counts over the instances the rule sees.
 
         ``num_valid`` = K, ``num_forced`` = valid positives P, ``num_candidates`` = the
-        other valid instances, ``num_above`` = candidates with loss > ``loss_thresh``.
+        other valid instances, ``num_above`` = candidates with loss > ``loss_thresh``,
+        ``floor``: :meth:`floor` (default: ``min_kept``, the floor with one unit).
         Python ints, or 0-dim int64 tensors: then the result is one too, computed on
         their device without reading them (the same integers).
         """
+        floor = self.min_kept if floor is None else floor
         if self.keep is not None:
             ratio = exact_ceil(_scaled(self.keep, num_valid))  # <= K, as keep <= 1
-            return _min(num_valid, _max(self.min_kept, ratio)) if self.min_kept else ratio
+            return ratio if _is_zero(floor) else _min(num_valid, _max(floor, ratio))
         if self.top_k is not None:
-            return _min(num_valid, max(self.min_kept, int(self.top_k)))
+            return _min(num_valid, _max(floor, int(self.top_k)))
         if self.loss_thresh is not None:
-            return _max(num_above, _min(num_valid, self.min_kept))
+            return _max(num_above, _min(num_valid, floor))
         ratio = _min(num_candidates, exact_floor(_scaled(self.neg_pos_ratio, num_forced)))
-        no_positive = _min(num_candidates, self.min_kept)
+        no_positive = _min(num_candidates, floor)
         if isinstance(num_forced, torch.Tensor):
             return torch.where(num_forced > 0, ratio, no_positive)
         return ratio if num_forced > 0 else no_positive
@@ -323,10 +363,12 @@ def select_mask(
         valid_flat &= valid.reshape(-1)
     positive_flat = None if positive is None else positive.reshape(-1)
     forced, candidate = rule.split(valid_flat, positive_flat)
+    num_valid = int(valid_flat.sum())
     m = rule.num_candidates_to_select(
-        int(valid_flat.sum()),
+        num_valid,
         int(forced.sum()),
         int(candidate.sum()),
         int(rule.above_threshold(flat, candidate).sum()),
+        rule.floor(num_valid, losses.shape[0] if losses.dim() else 1),
     )
     return (forced | top_m_mask(hardness_key(flat), candidate, m)).reshape(losses.shape)

@@ -45,7 +45,14 @@ class HardExampleSelector:
         keep: ratio rule, keep ``ceil(keep * K)`` (0 < keep <= 1).
         top_k: count rule, keep ``top_k``.
         loss_thresh: threshold rule, keep every loss > ``loss_thresh``.
-        min_kept: lower bound on the number kept, combined with any rule.
+        min_kept: lower bound on the number kept, combined with any rule; counted over
+            the whole distributed batch, or per ``min_kept_per``.
+        min_kept_per: what ``min_kept`` counts per: ``"batch"`` (default), ``"rank"``
+            (the floor is ``min_kept * W``, for code that counted it per GPU) or
+            ``"example"`` (``min_kept`` times the examples, dim 0 of the losses, of all
+            ranks: mmseg's per-image ``min_kept``).
+        min_kept_fraction: a floor relative to the valid count: at least
+            ``floor(min_kept_fraction * K)`` (BiSeNet's ``n_valid // 16`` is ``1/16``).
         neg_pos_ratio: SSD-style rule: every valid positive plus the hardest
             ``floor(neg_pos_ratio * P)`` negatives (``min_kept`` negatives when P = 0).
         scope: ``"global"`` (default), ``"local"``, ``"random"`` or ``"all"`` (DESIGN §3).
@@ -84,17 +91,14 @@ class HardExampleSelector:
         min_kept: int = 0,
         neg_pos_ratio: float | None = None,
         scope: str = "global",
+        min_kept_per: str = "batch",
+        min_kept_fraction: float = 0.0,
         strategy: str = "gather",
         group: dist.ProcessGroup | None = None,
         nan: str = "raise",
         seed: int = 0,
         check: str = "auto",
     ) -> None:
-        if strategy == "radix":
-            raise ValueError(
-                "strategy='radix' was removed: it was never the fastest; use 'bracket' for "
-                "dense mining (it falls back to radix by itself) or 'auto'"
-            )
         _check_choice("scope", scope, SCOPES)
         _check_choice("check", check, CHECKS)
         _check_choice("strategy", strategy, STRATEGIES)
@@ -108,6 +112,8 @@ class HardExampleSelector:
             loss_thresh=loss_thresh,
             neg_pos_ratio=neg_pos_ratio,
             min_kept=min_kept,
+            min_kept_per=min_kept_per,
+            min_kept_fraction=min_kept_fraction,
         )
         self.scope = scope
         self.strategy = strategy
@@ -314,5 +320,10 @@ def _nothing(losses: torch.Tensor) -> torch.Tensor:
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if name == "strategy" and value == "radix":
+        raise ValueError(
+            "strategy='radix' was removed: it was never the fastest; use 'bracket' for "
+            "dense mining (it falls back to radix by itself) or 'auto'"
+        )
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

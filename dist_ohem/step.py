@@ -58,7 +58,7 @@ from torch import nn
 
 from dist_ohem import comm
 from dist_ohem.batches import Batch, batch_leaves, batch_size
-from dist_ohem.loss import global_mean_loss, per_instance_criterion
+from dist_ohem.loss import check_normalizer, global_mean_loss, per_instance_criterion
 from dist_ohem.result import SelectionResult
 from dist_ohem.scoring import ExampleLosses, Scored, ScoreFn, ScoringPass
 from dist_ohem.selector import HardExampleSelector
@@ -146,7 +146,8 @@ class StepConfig:
     here: a repr must read the same on every rank.
 
     Attributes:
-        balance, score_mode, grad_average, micro_batch_size, sync_mean_loss: as passed
+        balance, score_mode, grad_average, normalizer, micro_batch_size, sync_mean_loss:
+            as passed
             to :func:`ohem_step` (``micro_batch_size`` is checked by the scoring pass,
             which fails on every rank together).
         ignore_index: resolved: the argument, else the criterion's own, else None.
@@ -156,6 +157,7 @@ class StepConfig:
     balance: bool
     score_mode: str
     grad_average: bool
+    normalizer: str
     ignore_index: int | None
     micro_batch_size: int | None
     sync_mean_loss: bool
@@ -171,6 +173,7 @@ class StepConfig:
         balance: bool,
         score_mode: str,
         grad_average: bool,
+        normalizer: str,
         ignore_index: int | None,
         micro_batch_size: int | None,
         sync_mean_loss: bool,
@@ -184,6 +187,7 @@ class StepConfig:
         """
         if score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
+        check_normalizer(normalizer)
         if ignore_index is None:
             ignore_index = getattr(criterion, "ignore_index", None)
         if capacity_factor == "auto":
@@ -197,6 +201,7 @@ class StepConfig:
             balance=balance,
             score_mode=score_mode,
             grad_average=grad_average,
+            normalizer=normalizer,
             ignore_index=ignore_index,
             micro_batch_size=micro_batch_size,
             sync_mean_loss=sync_mean_loss,
@@ -235,6 +240,7 @@ def ohem_step(
     score_mode: str = "no_grad_train",
     example_score: Callable[[torch.Tensor], torch.Tensor] | None = None,
     grad_average: bool = True,
+    normalizer: str = "selected",
     positive: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
     ignore_index: int | None = None,
@@ -272,6 +278,10 @@ def ohem_step(
             positions included (``CrossEntropyLoss`` puts 0 there).
         grad_average: the engine averages gradients over ranks (DDP, Accelerate and
             DeepSpeed do); False when it sums them.
+        normalizer: what the mean divides by, over all ranks: ``"selected"`` (default:
+            the M selected examples), ``"valid"`` (every valid example), ``"instances"``
+            (every example) or ``"positives"`` (the valid ``positive`` examples); at
+            least 1 (:data:`dist_ohem.loss.NORMALIZERS`).
         positive: ``(N,)`` bool, the positive examples; required by ``neg_pos_ratio``.
         valid: ``(N,)`` bool; False = the example never counts: not in K, never
             selected, never trained.
@@ -314,6 +324,7 @@ def ohem_step(
         balance=balance,
         score_mode=score_mode,
         grad_average=grad_average,
+        normalizer=normalizer,
         ignore_index=ignore_index,
         micro_batch_size=micro_batch_size,
         sync_mean_loss=sync_mean_loss,
@@ -353,6 +364,7 @@ def _plan(
     common = {
         "group": group,
         "grad_average": config.grad_average,
+        "normalizer": config.normalizer,
         "micro_batch_size": config.micro_batch_size,
         "lockstep_scoring": config.micro_batch_size is not None and forward_communicates(model),
     }

@@ -99,6 +99,7 @@ class TrainingPlan(ABC):
     Attributes:
         group: the selector's process group.
         grad_average: the engine averages gradients over ranks (else it sums them).
+        normalizer: what the loss's mean divides by (:data:`dist_ohem.loss.NORMALIZERS`).
         micro_batch_size: rows per training chunk; None: one chunk.
         lockstep_scoring: the scoring forwards communicate (ZeRO-3 / FSDP with
             micro-batches), so every rank runs as many and none starts them alone.
@@ -106,6 +107,7 @@ class TrainingPlan(ABC):
 
     group: Any
     grad_average: bool
+    normalizer: str
     micro_batch_size: int | None
     lockstep_scoring: bool
 
@@ -162,7 +164,9 @@ class SelectedRowsPlan(TrainingPlan):
         num_trained = batch_size(train_inputs)
         train_chunk = self.micro_batch_size or max(max(trained_per_rank), 1)
         num_chunks = max(1, max(-(-n // train_chunk) for n in trained_per_rank))
-        scale = normalization_scale(batch.selection, "mean", self.grad_average, self.group)
+        scale = normalization_scale(
+            batch.selection, "mean", self.grad_average, self.group, self.normalizer
+        )
         dtype = batch.scored.example_losses.dtype
         loss_total = torch.zeros((), dtype=dtype, device=scale.device)
         selected_sum = torch.zeros((), dtype=torch.float64, device=scale.device)
@@ -237,7 +241,9 @@ class CapacityPlan(TrainingPlan):
         local = selection.on_device.num_selected_local
         overflow = torch.stack([(local - self.capacity).clamp(min=0), local])
         overflow = comm.all_reduce_max(overflow, self.group)
-        scale = normalization_scale(selection, "mean", self.grad_average, self.group)
+        scale = normalization_scale(
+            selection, "mean", self.grad_average, self.group, self.normalizer
+        )
         chunk = self.micro_batch_size or max(self.capacity, 1)
         deepspeed = is_deepspeed_engine(batch.model)
         # DeepSpeed reduces at its accumulation boundary only, so its capacity chunks defer

@@ -84,10 +84,12 @@ def reference_mask(
         return usable
     if scope == "random":
         # Same seed and call number (1) with no process group: the single-process draw.
-        return HardExampleSelector(**kwargs)(losses, usable, positive).mask
-    rule = SelectionRule(**_rule_kwargs(kwargs))
+        single = {**kwargs, **_rule_kwargs(kwargs, len(sizes))}
+        return HardExampleSelector(**single)(losses, usable, positive).mask
+    rule = SelectionRule(**_rule_kwargs(kwargs, len(sizes)))
     if scope == "global":
         return select_mask(losses, rule, usable, positive)
+    rule = SelectionRule(**_rule_kwargs(kwargs))
     chunks = [
         select_mask(
             rank_slice(losses, sizes, r),
@@ -100,9 +102,16 @@ def reference_mask(
     return torch.cat(chunks)
 
 
-def _rule_kwargs(kwargs: dict) -> dict:
+def _rule_kwargs(kwargs: dict, world_size: int = 1) -> dict:
+    """The rule of one process on the concatenated batch: ``min_kept_per="rank"`` is
+    ``min_kept * W`` over the batch."""
     names = ("keep", "top_k", "loss_thresh", "neg_pos_ratio", "min_kept")
-    return {k: v for k, v in kwargs.items() if k in names}
+    names += ("min_kept_per", "min_kept_fraction")
+    rule = {k: v for k, v in kwargs.items() if k in names}
+    if rule.get("min_kept_per") == "rank":
+        rule["min_kept_per"] = "batch"
+        rule["min_kept"] = rule.get("min_kept", 0) * world_size
+    return rule
 
 
 def skewed_batch(seed: int, sizes: list[int], hard_rank: int | None):

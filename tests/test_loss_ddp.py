@@ -70,9 +70,16 @@ def reference_grads(task: str, seed: int, sizes: list[int], kwargs: dict):
     losses = nn.functional.cross_entropy(
         model(inputs), targets, ignore_index=ignore, reduction="none"
     )
-    mask = reference_mask(kwargs, sizes, losses.detach(), targets != ignore, targets > 0)
-    mean = losses[mask].sum() / max(int(mask.sum()), 1)
-    mean.backward()
+    valid, positive = targets != ignore, targets > 0
+    mask = reference_mask(kwargs, sizes, losses.detach(), valid, positive)
+    divisor = {
+        "selected": int(mask.sum()),
+        "valid": int(valid.sum()),
+        "instances": valid.numel(),
+        "positives": int((valid & positive).sum()),
+    }[kwargs.get("normalizer", "selected")]
+    (losses[mask].sum() / max(divisor, 1)).backward()
+    mean = losses[mask].sum() / max(int(mask.sum()), 1)  # what last_mean_loss reports
     return [p.grad for p in model.parameters()], mask, float(mean.detach())
 
 
@@ -178,3 +185,14 @@ def test_selector_and_kwargs_are_exclusive():
         OHEMLoss(nn.MSELoss(), selector=HardExampleSelector(keep=0.5), keep=0.5)
     with pytest.raises(ValueError, match="reduction"):
         OHEMLoss(nn.MSELoss(), reduction="none", keep=0.5)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("normalizer", ["valid", "instances", "positives"])
+def test_each_normalizer_on_both_paths(ranks, world_size, normalizer):
+    """mmseg divides by N·H·W or the non-ignored count, SSD by the positives: the same
+    global counts on the host and the device path; a rank with no pixel included."""
+    sizes = [2] * (world_size - 1) + [1 if world_size == 1 else 0]
+    for check in ("eager", "deferred"):
+        kwargs = {"loss_thresh": 1.5, "min_kept": 10, "normalizer": normalizer, "check": check}
+        assert_parity(ranks, world_size, "dense", sizes, kwargs)

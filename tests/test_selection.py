@@ -28,11 +28,13 @@ INF = math.inf
 TIE_HEAVY = [0.0, -0.0, 0.25, 1.0, 1.0, 2.5, INF, -1.0, 1e-30, 3.0]
 
 
-def brute_force(losses, valid, positive, rule_kind, param, min_kept):
+def brute_force(losses, valid, positive, rule_kind, param, floor):
     """Selected indices by docs/DESIGN.md §3, written independently of dist_ohem.
 
     ``param`` is a Fraction for keep / neg_pos_ratio (exact arithmetic), an int for
-    top_k, a float for loss_thresh.
+    top_k, a float for loss_thresh. ``floor``: ``min_kept``, ``min_kept_per`` ("batch"
+    or "example": times the examples, here every instance) and ``min_kept_fraction``
+    (a Fraction of the valid count, rounded down).
     """
     usable = [i for i, x in enumerate(losses) if valid[i] and not math.isnan(x)]
 
@@ -40,6 +42,8 @@ def brute_force(losses, valid, positive, rule_kind, param, min_kept):
         return sorted(indices, key=lambda i: (-losses[i], i))[:m]
 
     k = len(usable)
+    unit = len(losses) if floor["min_kept_per"] == "example" else 1
+    min_kept = max(floor["min_kept"] * unit, math.floor(floor["min_kept_fraction"] * k))
     if rule_kind == "keep":
         m = min(k, max(min_kept, math.ceil(param * k)))
         return set(hardest(usable, m))
@@ -92,31 +96,37 @@ def rules(draw):
         param = value = draw(st.integers(0, 70))
     else:
         param = value = draw(st.sampled_from([*TIE_HEAVY, -INF, 0.7]))
-    rule = SelectionRule(min_kept=min_kept, **{kind: value})
-    return rule, kind, param, min_kept
+    floor = {
+        "min_kept": min_kept,
+        "min_kept_per": draw(st.sampled_from(["batch", "batch", "example"])),
+        "min_kept_fraction": draw(st.sampled_from([Fraction(0), Fraction(1, 16), Fraction(1, 3)])),
+    }
+    rule = SelectionRule(**{kind: value}, **floor_kwargs(floor))
+    return rule, kind, param, floor
+
+
+def floor_kwargs(floor: dict) -> dict:
+    """The floor of :func:`rules` as selector keywords (the fraction as a float)."""
+    return {**floor, "min_kept_fraction": float(floor["min_kept_fraction"])}
 
 
 @given(batch=batches(), rule=rules())
 def test_select_mask_matches_brute_force(batch, rule):
     losses, valid, positive = batch
-    rule_obj, kind, param, min_kept = rule
+    rule_obj, kind, param, floor = rule
     mask = select_mask(losses, rule_obj, valid, positive)
-    expected = brute_force(
-        losses.tolist(), valid.tolist(), positive.tolist(), kind, param, min_kept
-    )
+    expected = brute_force(losses.tolist(), valid.tolist(), positive.tolist(), kind, param, floor)
     assert set(mask.nonzero().squeeze(1).tolist()) == expected
 
 
 @given(batch=batches(), rule=rules())
 def test_single_process_selector_matches_brute_force_for_both_strategies(batch, rule):
     losses, valid, positive = batch
-    rule_obj, kind, param, min_kept = rule
-    expected = brute_force(
-        losses.tolist(), valid.tolist(), positive.tolist(), kind, param, min_kept
-    )
+    rule_obj, kind, param, floor = rule
+    expected = brute_force(losses.tolist(), valid.tolist(), positive.tolist(), kind, param, floor)
     for strategy in ("gather", "bracket"):
         selector = HardExampleSelector(
-            **{kind: rule_obj.__getattribute__(kind)}, min_kept=min_kept, strategy=strategy
+            **{kind: rule_obj.__getattribute__(kind)}, **floor_kwargs(floor), strategy=strategy
         )
         result = selector(losses, valid, positive)
         assert set(result.mask.nonzero().squeeze(1).tolist()) == expected

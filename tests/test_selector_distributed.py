@@ -17,7 +17,7 @@ from dist_ohem.comm import get_rank
 from dist_ohem.on_host import AUTO_BRACKET_MIN_KEYS
 from dist_ohem.selection import SelectionRule, select_mask
 from tests.parity import Case, global_losses, rank_slice, reference_mask
-from tests.test_selection import rules
+from tests.test_selection import floor_kwargs, rules
 
 RULES = [
     {"keep": 0.3},
@@ -30,6 +30,11 @@ RULES = [
     {"loss_thresh": 10.0, "min_kept": 2},
     {"neg_pos_ratio": 3.0},
     {"neg_pos_ratio": 0.5, "min_kept": 2},
+    # Floors: relative to K, per rank, per example (dim 0: here every instance).
+    {"keep": 0.1, "min_kept_fraction": 0.25},
+    {"top_k": 1, "min_kept": 2, "min_kept_per": "rank"},
+    {"loss_thresh": 10.0, "min_kept": 1, "min_kept_per": "example", "min_kept_fraction": 0.1},
+    {"neg_pos_ratio": 0.5, "min_kept_fraction": 0.5},
 ]
 
 
@@ -212,8 +217,8 @@ def test_strategies_are_bit_identical_for_every_rule(ranks, world_size):
     )
     def check(batch, rule, scope):
         sizes, losses, valid, positive = batch
-        rule_obj, kind, _, min_kept = rule
-        kwargs = {kind: getattr(rule_obj, kind), "min_kept": min_kept, "scope": scope}
+        rule_obj, kind, _, floor = rule
+        kwargs = {kind: getattr(rule_obj, kind), **floor_kwargs(floor), "scope": scope}
         args = (sizes, losses, valid, positive, kwargs)
         per_rank = ranks.run(world_size, both_strategies_on_rank, *args, timeout=30)
         expected = reference_mask(kwargs, sizes, losses, valid, positive)

@@ -390,3 +390,42 @@ def test_tied_losses_train_the_lowest_global_indices(ranks, capacity_factor):
     for rank, (grads, got_mask) in enumerate(outputs):
         assert torch.equal(got_mask, rank_slice(mask, sizes, rank))
         assert_close_grads(grads, [p.grad for p in model.parameters()], f"rank {rank}")
+
+
+def normalized_step_on_rank(seed, sizes, kwargs, plan, normalizer):
+    """Worker: ohem_step's gradient with ``normalizer``."""
+    rank = get_rank()
+    inputs, targets = (rank_slice(t, sizes, rank) for t in skewed_batch(seed, sizes, None))
+    model = make_mlp()
+    ohem_step(
+        DDP(model),
+        inputs,
+        targets,
+        nn.CrossEntropyLoss(),
+        HardExampleSelector(**kwargs),
+        positive=targets == 0,
+        normalizer=normalizer,
+        **PLANS[plan],
+    )
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("normalizer", ["valid", "instances", "positives"])
+def test_two_pass_normalizers(ranks, world_size, normalizer):
+    """The mean divided by the global valid, all or positive examples, on every plan."""
+    sizes = SIZES[world_size]
+    kwargs = {"neg_pos_ratio": 1.0, "min_kept": 1}
+    inputs, targets = skewed_batch(5, sizes, None)
+    model = make_mlp()
+    losses = nn.functional.cross_entropy(model(inputs), targets, reduction="none")
+    mask = reference_mask(kwargs, sizes, losses.detach(), None, targets == 0)
+    divisor = {"valid": len(targets), "instances": len(targets)}.get(
+        normalizer, int((targets == 0).sum())
+    )
+    (losses[mask].sum() / max(divisor, 1)).backward()
+    expected = [p.grad for p in model.parameters()]
+    for plan in ("selected", "capacity_overflow"):
+        outputs = ranks.run(world_size, normalized_step_on_rank, 5, sizes, kwargs, plan, normalizer)
+        for rank, grads in enumerate(outputs):
+            assert_close_grads(grads, expected, f"{plan} rank {rank} {normalizer}")
