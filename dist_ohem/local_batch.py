@@ -37,6 +37,10 @@ class LocalBatch:
     num_above: int | torch.Tensor = 0
     min_above_key: int | torch.Tensor = NO_KEY
     valid: torch.Tensor | None = None
+    positive: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+    grouped: torch.Tensor | None = None
+    num_grouped: int | torch.Tensor = 0
 
     @property
     def numel(self) -> int:
@@ -70,6 +74,7 @@ def prepare(
     rule: SelectionRule,
     scope: str,
     nan_policy: str,
+    groups: torch.Tensor | None = None,
 ) -> LocalBatch:
     """Check this rank's inputs and count them, without communicating.
 
@@ -77,6 +82,11 @@ def prepare(
     row exchange, so that every rank raises it.
     """
     dtype, shape = _checked(losses, valid, positive, rule.needs_positive and scope != "all")
+    if groups is not None and tuple(groups.shape) != tuple(shape):
+        raise ValueError(
+            f"`groups` has shape {tuple(groups.shape)} but losses have shape {tuple(shape)}; "
+            "pass one group id per loss"
+        )
     flat = losses.detach() if len(shape) == 1 else losses.detach().reshape(-1)
     numel = shape.numel()
     batch = LocalBatch(flat, shape, dtype, losses.device, num_valid=numel)
@@ -96,6 +106,8 @@ def prepare(
     if usable is not None:
         batch.num_valid = usable.sum()
     flat_positive = None if positive is None else positive.reshape(-1).to(torch.bool)
+    batch.positive = flat_positive
+    batch.groups = None if groups is None else groups.reshape(-1)
     if flat_positive is not None:
         batch.num_positive = (flat_positive if usable is None else flat_positive & usable).sum()
     if rule.needs_positive and scope != "all":
@@ -139,8 +151,9 @@ def _checked(
     return dtype, shape
 
 
-def empty_batch(losses: object) -> LocalBatch:
-    """A batch of no instances with the dtype and device of ``losses`` (if it has them)."""
+def empty_batch(losses: object, grouped: bool = False) -> LocalBatch:
+    """A batch of no instances with the dtype and device of ``losses`` (if it has them);
+    ``grouped``: as if a grouped selection picked nothing in it."""
     dtype = getattr(losses, "dtype", torch.float32)
     device = getattr(losses, "device", torch.device("cpu"))
     loss_dtype = (
@@ -155,4 +168,5 @@ def empty_batch(losses: object) -> LocalBatch:
         candidate=empty,
         forced=empty,
         above=empty,
+        grouped=empty if grouped else None,
     )

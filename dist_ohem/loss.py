@@ -78,7 +78,7 @@ class OHEMLoss(nn.Module):
             per call (on the device; nothing is read until you read it); False skips it
             (``last_mean_loss`` is then NaN).
 
-    ``forward(input, target, positive=None, *, score=None)`` returns the scalar
+    ``forward(input, target, positive=None, *, score=None, groups=None)`` returns the scalar
     ``(W / M) * sum(selected local losses)`` (``mean``), whose gradient, averaged over
     ranks, equals the gradient of the mean loss over the globally selected instances.
     The value is this rank's share, not the global mean (it must be, for the gradient);
@@ -150,8 +150,10 @@ class OHEMLoss(nn.Module):
         positive: torch.Tensor | None = None,
         *,
         score: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Scalar loss to back-propagate on this rank (see class docstring)."""
+        """Scalar loss to back-propagate on this rank (see class docstring); ``groups``:
+        the group id of every instance, for a selector with ``per_group=True``."""
         losses = None
         try:
             losses = self._per_instance(input, target)
@@ -168,7 +170,9 @@ class OHEMLoss(nn.Module):
         if self.ignore_index is not None and not target.is_floating_point():
             valid = target != self.ignore_index
         ranked = losses if score is None else score
-        result = self.selector(ranked, valid, positive, caller_config=self._caller_config)
+        result = self.selector(
+            ranked, valid, positive, groups=groups, caller_config=self._caller_config
+        )
         self._finish(result, losses.detach())
         return masked_loss(
             losses,

@@ -62,6 +62,15 @@ class DevicePath:
         error is raised afterwards from the rows.
         """
         counts = _Counts(batch, rows, self.group)
+        if batch.grouped is not None:  # selected before the exchange
+            mask = batch.with_forced(batch.grouped)
+            return self._result(
+                mask,
+                counts,
+                lambda: counts.per_rank(row.GROUPED) + counts.per_rank(row.FORCED),
+                None,
+                batch,
+            )
         if self.scope == "all":
             mask = batch.with_forced(batch.candidate_mask())
             return self._result(mask, counts, lambda: counts.per_rank(row.VALID), None, batch)
@@ -174,6 +183,7 @@ class DevicePath:
             return pack_counts(*totals, kth_key, per_rank(), counts.rank)
 
         strategy = "none" if self.scope in ("all", "local") else "static"
+        strategy = "grouped" if batch.grouped is not None else strategy
         return SelectionResult(
             mask, packed, strategy=strategy, scope=self.scope, loss_dtype=batch.dtype
         )
@@ -231,4 +241,5 @@ class _Counts:
             row.FORCED: batch.num_forced,
             row.POSITIVE: batch.num_positive,
             row.ABOVE: batch.num_above,
+            row.GROUPED: batch.num_grouped,
         }[column]

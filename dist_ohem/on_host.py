@@ -24,6 +24,7 @@ from dist_ohem.row import (
     ABOVE,
     EXAMPLES,
     FORCED,
+    GROUPED,
     KEY_BITS,
     MIN_ABOVE_KEY,
     NAN,
@@ -92,7 +93,12 @@ class HostPath:
         strategy = self._resolve_strategy(rows)
         sent, self._payload = self._sent, self._next_payload(strategy, rows)
         kth_key = None
-        if self.scope == "all":
+        if batch.grouped is not None:  # selected before the exchange
+            self._payload = None
+            mask = batch.with_forced(batch.grouped)
+            per_rank = [row[GROUPED] + row[FORCED] for row in rows]
+            strategy = "grouped"
+        elif self.scope == "all":
             mask = batch.with_forced(batch.candidate_mask())
             per_rank = [row[VALID] for row in rows]
             strategy = "none"

@@ -90,12 +90,12 @@ class SelectionResult:
         threshold: loss of the least hard selected candidate (the M-th in hardness
             order; for ``neg_pos_ratio`` the least hard selected negative). For
             ``scope="local"`` this rank's own; NaN when nothing was chosen by hardness
-            (no candidate selected, or scope ``"random"`` / ``"all"``).
+            (no candidate selected, scope ``"random"`` / ``"all"``, or per group).
         strategy: how the selection was reached: ``"gather"`` or ``"bracket"`` (the
             host path's algorithms), ``"static"`` (the read-free algorithm of
             :func:`dist_ohem.kselect.top_m_sorted`, taken on accelerators and by
-            ``check="deferred"``) or ``"none"`` (no exchange of losses: scope
-            ``"local"`` / ``"all"``).
+            ``check="deferred"``), ``"grouped"`` (within groups: ``per_group``) or
+            ``"none"`` (no exchange of losses: scope ``"local"`` / ``"all"``).
         scope: the selector's scope.
         num_nan_global: NaN losses over all ranks (invalid under ``nan="ignore"``).
         num_instances_global: all instances over all ranks, valid or not.

@@ -4,10 +4,12 @@ A row is one int64 vector per rank (docs/DESIGN.md §5, §7). Its first part hol
 numbers: the error flag, the instance and example counts, then what the ranks must agree
 on: the configuration fingerprint, the key width, the call count, the kind of call and
 :func:`agreement_hash` of the four before it. The rest holds this rank's counts, device
-values on an accelerator: valid, NaN, forced, valid positives, above the threshold, and
-the least key above it. One all-gather (:func:`gather`) gives every rank every row; every rank then
-reads the same rows, so :func:`check` raises the same error on all of them, at once
-(eager checks) or from a :class:`Pending` read at the next call (deferred checks).
+values on an accelerator: valid, NaN, forced, valid positives, above the threshold, the
+least key above it, and the candidates a grouped selection picked (it runs before the
+exchange: groups never span ranks). One all-gather (:func:`gather`) gives every rank
+every row; every rank then reads the same rows, so :func:`check` raises the same error on
+all of them, at once (eager checks) or from a :class:`Pending` read at the next call
+(deferred checks).
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ __all__ = [
     POSITIVE,
     ABOVE,
     MIN_ABOVE_KEY,
-) = range(14)
-WIDTH = 14
+    GROUPED,
+) = range(15)
+WIDTH = 15
 #: What a row was sent by: a selector call, or ``HardExampleSelector.check``.
 CALL, CHECK = 0, 1
 #: The columns compared across ranks, with what differs and how to fix it.
@@ -112,9 +115,10 @@ def agreement_hash(config: int, key_bits: int, calls: int, kind: int) -> int:
 
 
 def columns(
-    batch: LocalBatch, config: int, key_bits: int, calls: int, kind: int
+    batch: LocalBatch, config: int, key_dtype: torch.dtype, calls: int, kind: int
 ) -> list[int | torch.Tensor]:
     """This rank's row after the flag, in column order (device counts stay tensors)."""
+    key_bits = torch.iinfo(key_dtype).bits
     return [
         batch.numel,
         batch.num_examples,
@@ -129,6 +133,7 @@ def columns(
         batch.num_positive,
         batch.num_above,
         batch.min_above_key,
+        batch.num_grouped,
     ]
 
 

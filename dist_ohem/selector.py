@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dist_ohem import comm, row
+from dist_ohem.grouped import Quota, select_groups
 from dist_ohem.local_batch import LocalBatch, empty_batch, prepare
 from dist_ohem.on_device import DevicePath
 from dist_ohem.on_host import HostPath, count_nan
@@ -53,6 +54,15 @@ class HardExampleSelector:
             ranks: mmseg's per-image ``min_kept``).
         min_kept_fraction: a floor relative to the valid count: at least
             ``floor(min_kept_fraction * K)`` (BiSeNet's ``n_valid // 16`` is ``1/16``).
+        per_group: apply the rule within each group of instances, given by the
+            ``groups=`` ids of every call (an image's anchors or RoIs, say); groups
+            never span ranks, the floor counts per group (:mod:`dist_ohem.grouped`).
+        pos_fraction, neg_pos_ub: a positive quota per group (mmdetection's
+            ``OHEMSampler``): of the budget B that ``keep`` or ``top_k`` gives (``top_k``
+            is not clamped to the group's size), at most ``floor(pos_fraction * B)`` of
+            the hardest positives, then the hardest negatives up to B, at most
+            ``floor(neg_pos_ub * max(1, positives kept))`` of them when
+            ``neg_pos_ub >= 0``. Needs ``per_group`` and ``positive=``.
         neg_pos_ratio: SSD-style rule: every valid positive plus the hardest
             ``floor(neg_pos_ratio * P)`` negatives (``min_kept`` negatives when P = 0).
         scope: ``"global"`` (default), ``"local"``, ``"random"`` or ``"all"`` (DESIGN §3).
@@ -91,30 +101,32 @@ class HardExampleSelector:
         min_kept: int = 0,
         neg_pos_ratio: float | None = None,
         scope: str = "global",
-        min_kept_per: str = "batch",
-        min_kept_fraction: float = 0.0,
         strategy: str = "gather",
         group: dist.ProcessGroup | None = None,
         nan: str = "raise",
         seed: int = 0,
         check: str = "auto",
+        min_kept_per: str = "batch",
+        min_kept_fraction: float = 0.0,
+        per_group: bool = False,
+        pos_fraction: float | None = None,
+        neg_pos_ub: float = -1.0,
     ) -> None:
-        _check_choice("scope", scope, SCOPES)
-        _check_choice("check", check, CHECKS)
-        _check_choice("strategy", strategy, STRATEGIES)
-        _check_choice("nan", nan, NAN_POLICIES)
-        no_rule = keep is None and top_k is None and loss_thresh is None and neg_pos_ratio is None
-        if scope == "all" and no_rule:
+        for name, value, choices in (
+            ("scope", scope, SCOPES),
+            ("check", check, CHECKS),
+            ("strategy", strategy, STRATEGIES),
+            ("nan", nan, NAN_POLICIES),
+        ):
+            _check_choice(name, value, choices)
+        if scope == "all" and all(r is None for r in (keep, top_k, loss_thresh, neg_pos_ratio)):
             keep = 1.0
         self.rule = SelectionRule(
-            keep=keep,
-            top_k=top_k,
-            loss_thresh=loss_thresh,
-            neg_pos_ratio=neg_pos_ratio,
-            min_kept=min_kept,
-            min_kept_per=min_kept_per,
-            min_kept_fraction=min_kept_fraction,
+            keep, top_k, loss_thresh, neg_pos_ratio, min_kept, min_kept_per, min_kept_fraction
         )
+        self.quota = None if pos_fraction is None else Quota(pos_fraction, neg_pos_ub)
+        _check_grouping(per_group, self.quota, self.rule, scope)
+        self.per_group = per_group
         self.scope = scope
         self.strategy = strategy
         self.group = group
@@ -129,14 +141,7 @@ class HardExampleSelector:
         self._device = torch.device("cpu")
         self._key_dtype: torch.dtype | None = None
         self._pending: row.Pending | None = None
-        # The device path's algorithm is the same whatever the strategy: not in its
-        # fingerprint, so ranks that differ only there agree.
-        self._fingerprints = {
-            on_device: row.Fingerprint(
-                repr((self.rule, scope, None if on_device else strategy, nan, self.seed, check))
-            )
-            for on_device in (False, True)
-        }
+        self._fingerprint = row.Fingerprint("")
         self._host = HostPath(self.rule, scope, strategy, self.seed, group)
         self._device_path = DevicePath(self.rule, scope, self.seed, group)
 
@@ -156,6 +161,7 @@ class HardExampleSelector:
         valid: torch.Tensor | None = None,
         positive: torch.Tensor | None = None,
         *,
+        groups: torch.Tensor | None = None,
         caller_config: object = None,
     ) -> SelectionResult:
         """Select across the group.
@@ -163,7 +169,9 @@ class HardExampleSelector:
         Args:
             losses: per-instance losses, any shape; detached internally.
             valid: optional bool mask, same shape; False = ignored instance.
-            positive: bool mask, same shape; required by ``neg_pos_ratio``.
+            positive: bool mask, same shape; required by ``neg_pos_ratio`` and a quota.
+            groups: integer ids, same shape, with ``per_group=True``: the rule applies
+                within each set of instances with the same id on this rank.
             caller_config: settings of the calling code that must agree across ranks
                 (``ohem_step`` passes its step configuration, ``OHEMLoss`` its
                 reduction); compared with the selector's own config, by its ``repr``.
@@ -176,7 +184,7 @@ class HardExampleSelector:
             input is bad or the ranks' selectors differ.
         """
         self._begin_call(losses)
-        batch, error = self._prepare(losses, valid, positive)
+        batch, error = self._prepare(losses, valid, positive, groups)
         result = self._select(batch, error, caller_config, row.CALL)
         if error is not None:
             result.mask = _nothing(losses)
@@ -223,19 +231,36 @@ class HardExampleSelector:
         if self._on_device is None:
             self._device = getattr(losses, "device", self._device)
             self._on_device = self._device.type != "cpu" or self.checking == "deferred"
+            # The device path's algorithm is the same whatever the strategy: not in its
+            # fingerprint, so ranks that differ only there agree.
+            settings = (self.rule, self.scope, self.nan, self.seed, self.checking)
+            strategy = None if self._on_device else self.strategy
+            settings += (self.per_group, self.quota, strategy)
+            self._fingerprint = row.Fingerprint(repr(settings))
 
     def _prepare(
-        self, losses: torch.Tensor, valid: torch.Tensor | None, positive: torch.Tensor | None
+        self,
+        losses: torch.Tensor,
+        valid: torch.Tensor | None,
+        positive: torch.Tensor | None,
+        groups: torch.Tensor | None,
     ) -> tuple[LocalBatch, str | None]:
-        """This rank's batch, or an empty one and the reason it was rejected."""
+        """This rank's batch, or an empty one and the reason it was rejected; a grouped
+        selection is made here, before the exchange (groups never span ranks)."""
         # The device path treats NaN as invalid and reports it through the rows.
         nan_policy = "ignore" if self._on_device else self.nan
         try:
-            batch = prepare(losses, valid, positive, self.rule, self.scope, nan_policy)
+            if (groups is not None) != self.per_group:
+                raise ValueError(_GROUPS_MISMATCH[self.per_group])
+            if self.quota is not None and positive is None:
+                raise ValueError("pos_fraction needs `positive=`, a bool mask of the positives")
+            batch = prepare(losses, valid, positive, self.rule, self.scope, nan_policy, groups)
             if self._on_device and self._key_dtype is not None:
-                self._check_key_dtype(batch)
+                _check_key_dtype(batch, self._key_dtype)
         except (TypeError, ValueError) as exc:
             return self._empty_batch(losses), str(exc)
+        if self.per_group:
+            select_groups(batch, self.rule, self.quota)
         return batch, None
 
     def _select(
@@ -244,7 +269,8 @@ class HardExampleSelector:
         """Exchange, then the host or the device selection."""
         if self._on_device:
             return self._select_on_device(batch, error, caller_config, kind)
-        columns = self._columns(batch, caller_config, kind)
+        config = self._fingerprint(caller_config)
+        columns = row.columns(batch, config, key_dtype_for(batch.dtype), self.num_calls, kind)
         rows = row.gather(columns, error, self.group, batch.device, self._host.payload(batch))
         listed = row.read(rows)
         row.check(listed, error, self.nan, lambda: count_nan(batch), self.group)
@@ -257,7 +283,8 @@ class HardExampleSelector:
         first_call = self._key_dtype is None
         key_dtype = key_dtype_for(batch.dtype) if first_call else self._key_dtype
         eager = first_call or kind == row.CHECK or self._eager()
-        columns = self._columns(batch, caller_config, kind, key_dtype)
+        config = self._fingerprint(caller_config)
+        columns = row.columns(batch, config, key_dtype, self.num_calls, kind)
         rows = None
         if eager or comm.is_distributed(self.group):
             rows = row.gather(columns, error, self.group, batch.device)
@@ -275,43 +302,49 @@ class HardExampleSelector:
 
     # -- rows ---------------------------------------------------------------------------
 
-    def _columns(
-        self,
-        batch: LocalBatch,
-        caller_config: object,
-        kind: int,
-        key_dtype: torch.dtype | None = None,
-    ) -> list[int | torch.Tensor]:
-        key_bits = torch.iinfo(key_dtype or key_dtype_for(batch.dtype)).bits
-        config = self._fingerprints[bool(self._on_device)](caller_config)
-        return row.columns(batch, config, key_bits, self.num_calls, kind)
-
     def _raise_pending(self) -> None:
         """Check the previous call's rows (deferred mode); every rank raises alike."""
         pending, self._pending = self._pending, None
         if pending is not None:
             row.check(pending.read(), pending.error, self.nan, None, self.group)
 
-    def _check_key_dtype(self, batch: LocalBatch) -> None:
-        key_dtype = key_dtype_for(batch.dtype)
-        if key_dtype != self._key_dtype:
-            raise ValueError(
-                f"losses of dtype {batch.dtype} give {key_dtype} keys, but the first "
-                f"call agreed on {self._key_dtype} keys; use one loss dtype on all ranks "
-                "and calls (float64, or anything narrower)"
-            )
-
     def _empty_batch(self, like: object) -> LocalBatch:
-        """A batch of no instances; on the device path of the agreed dtype and device."""
+        """A batch of no instances; on the device path of the agreed dtype and device.
+        Grouped like the others' (their collectives depend on it)."""
         if self._on_device and self._key_dtype is not None:
             loss_dtype = torch.float64 if self._key_dtype == torch.int64 else torch.float32
             like = torch.empty(0, dtype=loss_dtype, device=self._device)
-        return empty_batch(like)
+        return empty_batch(like, self.per_group)
 
     def _eager(self) -> bool:
         """Whether this call checks at once: ``check="auto"`` is eager on CPU only."""
-        auto = self.checking == "auto"
-        return self._device.type == "cpu" if auto else self.checking == "eager"
+        return self._device.type == "cpu" if self.checking == "auto" else self.checking == "eager"
+
+
+def _check_key_dtype(batch: LocalBatch, agreed: torch.dtype) -> None:
+    key_dtype = key_dtype_for(batch.dtype)
+    if key_dtype != agreed:
+        raise ValueError(
+            f"losses of dtype {batch.dtype} give {key_dtype} keys, but the first call "
+            f"agreed on {agreed} keys; use one loss dtype on all ranks and calls (float64, "
+            "or anything narrower)"
+        )
+
+
+_GROUPS_MISMATCH = {
+    True: "this selector has per_group=True: pass groups=, one group id per loss",
+    False: "groups= was given, but this selector selects over all instances: build it "
+    "with per_group=True",
+}
+
+
+def _check_grouping(per_group: bool, quota: Quota | None, rule: SelectionRule, scope: str) -> None:
+    if per_group and scope not in ("global", "local"):
+        raise ValueError(f"per_group=True selects by hardness within groups, not scope={scope!r}")
+    if quota is not None and not per_group:
+        raise ValueError("pos_fraction applies per group: pass per_group=True (and groups=)")
+    if quota is not None and rule.keep is None and rule.top_k is None:
+        raise ValueError("pos_fraction splits the budget of keep= or top_k=; give one of them")
 
 
 def _nothing(losses: torch.Tensor) -> torch.Tensor:
