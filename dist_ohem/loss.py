@@ -20,6 +20,7 @@ __all__ = [
     "masked_loss",
     "normalization_scale",
     "per_instance_criterion",
+    "target_probability",
 ]
 
 REDUCTIONS = ("mean", "sum")
@@ -74,6 +75,12 @@ class OHEMLoss(nn.Module):
             never counted). Default: the criterion's own ``ignore_index`` if it has one
             (``nn.CrossEntropyLoss`` ignores -100). Only applies to integer targets.
         selector: a :class:`HardExampleSelector`; or give its arguments as keywords.
+        prob_thresh: select by the probability of the target class instead of the loss:
+            every instance with ``p < prob_thresh`` (compared in float64), but at least
+            ``min_kept`` of the least probable (mmseg's, PaddleSeg's and HRNet's OHEM
+            thresholds). ``input`` must be logits with the classes on dim 1 and
+            ``target`` integer class indices; the selector's rule is then this
+            threshold (give no other rule), on the score ``-p``.
         sync_mean_loss: compute :attr:`last_mean_loss` with one all-reduce of a scalar
             per call (on the device; nothing is read until you read it); False skips it
             (``last_mean_loss`` is then NaN).
@@ -110,6 +117,7 @@ class OHEMLoss(nn.Module):
         ignore_index: int | None = None,
         selector: HardExampleSelector | None = None,
         sync_mean_loss: bool = True,
+        prob_thresh: float | None = None,
         **selector_kwargs: object,
     ) -> None:
         super().__init__()
@@ -121,7 +129,10 @@ class OHEMLoss(nn.Module):
                 "pass either selector= or the selector's keyword arguments, not both "
                 f"(got selector and {sorted(selector_kwargs)})"
             )
+        if prob_thresh is not None:
+            selector_kwargs = _probability_rule(prob_thresh, selector, selector_kwargs)
         self.selector = selector if selector is not None else HardExampleSelector(**selector_kwargs)
+        self.prob_thresh = prob_thresh
         # Kept out of the module tree: it shares the user's parameters and buffers.
         object.__setattr__(self, "_per_instance", per_instance_criterion(criterion))
         self.reduction = reduction
@@ -157,6 +168,8 @@ class OHEMLoss(nn.Module):
         losses = None
         try:
             losses = self._per_instance(input, target)
+            if self.prob_thresh is not None and score is None:
+                score = -target_probability(input, target)
             if score is not None:
                 check_scores(score, losses, "score", "instance")
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank by fail()
@@ -214,6 +227,33 @@ class OHEMLoss(nn.Module):
         was selected. Reading it waits for the device.
         """
         return math.nan if self._last_mean_loss is None else float(self._last_mean_loss)
+
+
+def _probability_rule(
+    prob_thresh: float, selector: HardExampleSelector | None, selector_kwargs: dict
+) -> dict:
+    """The selector's keywords for ``prob_thresh``: the threshold ``-p > -prob_thresh``."""
+    rules = ("keep", "top_k", "loss_thresh", "neg_pos_ratio")
+    given = [name for name in rules if selector_kwargs.get(name) is not None]
+    if selector is not None or given:
+        raise ValueError(
+            f"prob_thresh is the selection rule; do not also give {given or 'selector='}"
+        )
+    if not (0.0 <= prob_thresh <= 1.0):
+        raise ValueError(f"prob_thresh must be in [0, 1], got {prob_thresh}")
+    return {**selector_kwargs, "loss_thresh": -prob_thresh}
+
+
+def target_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``(N, ...)`` softmax probability of each instance's target class, detached.
+
+    ``logits`` ``(N, C, ...)``, ``target`` ``(N, ...)`` integer classes; a target outside
+    ``[0, C)`` (an ignored one) reads class 0, a value nobody selects (it is invalid).
+    Computed in the logits' dtype, as the per-GPU OHEM codes do.
+    """
+    classes = logits.shape[1]
+    index = torch.where((target >= 0) & (target < classes), target, 0).unsqueeze(1)
+    return logits.detach().softmax(1).gather(1, index).squeeze(1)
 
 
 def global_mean_loss(
