@@ -174,21 +174,22 @@ def selector_reads(
     """Reads of one steady-state selector call (deferred checks, the GPU's default)."""
     rule = rule or {"keep": 0.1}
     selector = HardExampleSelector(strategy=strategy, check="deferred", **rule)
-    positive = "neg_pos_ratio" in rule
+    positive = "neg_pos_ratio" in rule or "pos_fraction" in rule
 
     def call(on: torch.device) -> object:
         losses = torch.rand(num, device=on)
         mask = torch.rand(num, device=on) < 0.2 if positive else None
-        return selector(losses, positive=mask)
+        groups = torch.arange(num, device=on) // 64 if rule.get("per_group") else None
+        return selector(losses, positive=mask, groups=groups)
 
     call(warm_device(device))
     return count(lambda: call(device))
 
 
-def ohemloss_reads(device: torch.device, count: Callable) -> int:
-    """Reads of one steady-state OHEMLoss forward + backward (keep 1/4)."""
+def ohemloss_reads(device: torch.device, count: Callable, **kwargs: object) -> int:
+    """Reads of one steady-state OHEMLoss forward + backward (keep 1/4, or ``kwargs``)."""
     model = nn.Linear(8, 4)
-    criterion = OHEMLoss(nn.CrossEntropyLoss(), keep=0.25, check="deferred")
+    criterion = OHEMLoss(nn.CrossEntropyLoss(), check="deferred", **(kwargs or {"keep": 0.25}))
 
     def call(on: torch.device) -> None:
         model.to(on)

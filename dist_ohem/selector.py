@@ -57,12 +57,13 @@ class HardExampleSelector:
         per_group: apply the rule within each group of instances, given by the
             ``groups=`` ids of every call (an image's anchors or RoIs, say); groups
             never span ranks, the floor counts per group (:mod:`dist_ohem.grouped`).
-        pos_fraction, neg_pos_ub: a positive quota per group (mmdetection's
-            ``OHEMSampler``): of the budget B that ``keep`` or ``top_k`` gives (``top_k``
-            is not clamped to the group's size), at most ``floor(pos_fraction * B)`` of
-            the hardest positives, then the hardest negatives up to B, at most
-            ``floor(neg_pos_ub * max(1, positives kept))`` of them when
-            ``neg_pos_ub >= 0``. Needs ``per_group`` and ``positive=``.
+        pos_fraction: a positive quota per group (mmdetection's ``OHEMSampler``): of
+            the budget B that ``keep`` or ``top_k`` gives (``top_k`` is not clamped to
+            the group's size), at most ``floor(pos_fraction * B)`` of the hardest
+            positives, then the hardest negatives up to B. Needs ``per_group`` and
+            ``positive=``.
+        neg_pos_ub: with a quota, at most ``floor(neg_pos_ub * max(1, positives
+            kept))`` negatives when ``neg_pos_ub >= 0``.
         neg_pos_ratio: SSD-style rule: every valid positive plus the hardest
             ``floor(neg_pos_ratio * P)`` negatives (``min_kept`` negatives when P = 0).
         scope: ``"global"`` (default), ``"local"``, ``"random"`` or ``"all"`` (DESIGN §3).

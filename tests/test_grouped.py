@@ -132,17 +132,21 @@ def model_for_anchors() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
 
 
-def grouped_grads_on_rank(sizes, kwargs, normalizer):
-    """Worker: one DDP step of a per-image OHEMLoss on this rank's images."""
+def grouped_grads_on_rank(sizes, cases):
+    """Worker: one DDP step of a per-image OHEMLoss on this rank's images per case
+    ``(selector kwargs, normalizer)``; the gradients of each."""
     rank = get_rank()
     features, labels = (rank_slice(t, sizes, rank) for t in anchors(7, sum(sizes)))
-    model = model_for_anchors()
-    ddp = DDP(model)
-    ohem = OHEMLoss(nn.CrossEntropyLoss(reduction="none"), normalizer=normalizer, **kwargs)
-    logits = ddp(features).permute(0, 2, 1)  # (N, C, A)
-    groups = torch.arange(len(labels)).unsqueeze(1).expand_as(labels)
-    ohem(logits, labels, labels > 0, groups=groups).backward()
-    return [p.grad.clone() for p in model.parameters()]
+    grads = []
+    for kwargs, normalizer in cases:
+        model = model_for_anchors()
+        ddp = DDP(model)
+        ohem = OHEMLoss(nn.CrossEntropyLoss(reduction="none"), normalizer=normalizer, **kwargs)
+        logits = ddp(features).permute(0, 2, 1)  # (N, C, A)
+        groups = torch.arange(len(labels)).unsqueeze(1).expand_as(labels)
+        ohem(logits, labels, labels > 0, groups=groups).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    return grads
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
@@ -151,39 +155,47 @@ def test_per_image_gradients_equal_the_single_process_reference(ranks, world_siz
     divided by the global positives or selected count; uneven ranks, one with no image."""
     sizes = {1: [3], 2: [2, 3], 3: [1, 0, 4], 4: [2, 1, 0, 3]}[world_size]
     features, labels = anchors(7, sum(sizes))
+    cases, references = [], []
     for kwargs, normalizer in (
         ({"neg_pos_ratio": 2.0}, "positives"),
         ({"top_k": 4, "pos_fraction": 0.25, "neg_pos_ub": 2.0}, "selected"),
     ):
         kwargs = {**kwargs, "per_group": True}
-        model = model_for_anchors()
-        losses = nn.functional.cross_entropy(
-            model(features).permute(0, 2, 1), labels, reduction="none"
-        )
-        valid, positive = labels != -100, labels > 0
-        chosen = set()
-        for image in range(len(labels)):
-            offset = image * labels.shape[1]
-            image_losses = losses[image].detach().tolist()
-            usable = [i for i in range(labels.shape[1]) if valid[image, i]]
-            pos = [i for i in usable if positive[image, i]]
-            neg = [i for i in usable if not positive[image, i]]
-            if "neg_pos_ratio" in kwargs:
-                picked = pos + hardest(image_losses, neg, min(len(neg), 2 * len(pos)))
-            else:
-                kept_pos = min(len(pos), math.floor(0.25 * 4))
-                wanted = min(4 - kept_pos, math.floor(2.0 * max(1, kept_pos)))
-                picked = hardest(image_losses, pos, kept_pos) + hardest(image_losses, neg, wanted)
-            chosen |= {offset + i for i in picked}
-        mask = torch.zeros(labels.numel(), dtype=torch.bool)
-        mask[sorted(chosen)] = True
-        mask = mask.view_as(labels)
-        divisor = int((valid & positive).sum()) if normalizer == "positives" else len(chosen)
-        (losses[mask].sum() / max(divisor, 1)).backward()
-        expected = [p.grad for p in model.parameters()]
+        reference = per_image_reference(features, labels, kwargs, normalizer)
         for check in ("eager", "deferred"):
-            args = (sizes, {**kwargs, "check": check}, normalizer)
-            for rank, grads in enumerate(ranks.run(world_size, grouped_grads_on_rank, *args)):
-                for got, want in zip(grads, expected, strict=True):
-                    diff = (got - want).abs().max().item()
-                    assert diff <= TOLERANCE, f"rank {rank} {kwargs} {check}: {diff:.2e}"
+            cases.append(({**kwargs, "check": check}, normalizer))
+            references.append(reference)
+    outputs = ranks.run(world_size, grouped_grads_on_rank, sizes, cases)
+    for rank, per_case in enumerate(outputs):
+        for case, grads, expected in zip(cases, per_case, references, strict=True):
+            for got, want in zip(grads, expected, strict=True):
+                diff = (got - want).abs().max().item()
+                assert diff <= TOLERANCE, f"rank {rank} {case}: {diff:.2e}"
+
+
+def per_image_reference(features, labels, kwargs, normalizer):
+    """One process: each image's selection by brute force, the loss divided by the
+    positives or the selected count; its gradients."""
+    model = model_for_anchors()
+    losses = nn.functional.cross_entropy(model(features).permute(0, 2, 1), labels, reduction="none")
+    valid, positive = labels != -100, labels > 0
+    chosen = set()
+    for image in range(len(labels)):
+        offset = image * labels.shape[1]
+        image_losses = losses[image].detach().tolist()
+        usable = [i for i in range(labels.shape[1]) if valid[image, i]]
+        pos = [i for i in usable if positive[image, i]]
+        neg = [i for i in usable if not positive[image, i]]
+        if "neg_pos_ratio" in kwargs:
+            picked = pos + hardest(image_losses, neg, min(len(neg), 2 * len(pos)))
+        else:
+            kept_pos = min(len(pos), math.floor(0.25 * 4))
+            wanted = min(4 - kept_pos, math.floor(2.0 * max(1, kept_pos)))
+            picked = hardest(image_losses, pos, kept_pos) + hardest(image_losses, neg, wanted)
+        chosen |= {offset + i for i in picked}
+    mask = torch.zeros(labels.numel(), dtype=torch.bool)
+    mask[sorted(chosen)] = True
+    mask = mask.view_as(labels)
+    divisor = int((valid & positive).sum()) if normalizer == "positives" else len(chosen)
+    (losses[mask].sum() / max(divisor, 1)).backward()
+    return [p.grad for p in model.parameters()]

@@ -32,6 +32,13 @@ RULES = (
     {"neg_pos_ratio": 3.0},
 )
 SCOPES = ("global", "random", "local", "all")
+#: The floors, per-group rules and the quota, on the default strategy and scope.
+EXTRA_RULES = (
+    {"keep": 0.1, "min_kept": 2, "min_kept_per": "example", "min_kept_fraction": 0.1},
+    {"top_k": 7, "min_kept": 1, "min_kept_per": "rank"},
+    {"neg_pos_ratio": 3.0, "per_group": True},
+    {"top_k": 16, "per_group": True, "pos_fraction": 0.25, "neg_pos_ub": 3.0},
+)
 
 
 def selector_grid() -> dict[str, list[str]]:
@@ -48,8 +55,27 @@ def selector_grid() -> dict[str, list[str]]:
             scope=scope,
             **rule,
         )
+    for rule in EXTRA_RULES:
+        name = f"gather-{rule}-global"
+        reads[name] = []
+        host_syncs.selector_reads(
+            META,
+            "gather",
+            100_000,
+            lambda call, name=name: reads[name].extend(reads_of(call)),
+            **rule,
+        )
     reads["ohemloss"] = []
     host_syncs.ohemloss_reads(META, lambda call: reads["ohemloss"].extend(reads_of(call)))
+    name = "ohemloss-probability-instances"
+    reads[name] = []
+    host_syncs.ohemloss_reads(
+        META,
+        lambda call: reads[name].extend(reads_of(call)),
+        prob_thresh=0.7,
+        min_kept=3,
+        normalizer="instances",
+    )
     return reads
 
 
@@ -69,7 +95,7 @@ def test_no_read_in_a_steady_state_call_four_ranks_fake_group():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     reads = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(reads) == len(STRATEGIES) * len(RULES) * len(SCOPES) + 1
+    assert len(reads) == len(STRATEGIES) * len(RULES) * len(SCOPES) + len(EXTRA_RULES) + 2
     assert reads == {name: [] for name in reads}
 
 
