@@ -904,3 +904,26 @@ def test_ddp_gradients_equal_the_preset_on_the_concatenated_batch(ranks, world_s
                 assert torch.equal(local_mask.reshape(-1), rows), where
                 for got, want in zip(grads, expected, strict=True):
                     assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), where
+
+
+def test_hrnet_class_weights_through_ohemloss():
+    """docs/porting.md: HRNet's ``weight=`` (class weights) has no preset argument; the
+    OHEMLoss the page gives selects and weighs as HRNet does."""
+    from dist_ohem import OHEMLoss
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 5, 6, generator=gen) * 3
+    labels = torch.randint(0, 4, (2, 5, 6), generator=gen)
+    labels[torch.rand(2, 5, 6, generator=gen) < 0.1] = -1
+    weight = torch.tensor([0.5, 1.0, 2.0, 1.5])
+    for thres, min_kept in ((0.7, 10), (0.2, 25)):
+        criterion = OHEMLoss(
+            nn.CrossEntropyLoss(weight=weight, ignore_index=-1),
+            prob_thresh=thres,
+            min_kept=max(1, min_kept),
+            min_kept_per="rank",
+        )
+        loss = criterion(logits, labels)
+        ref_loss, ref_kept = hrnet_ohem_reference(logits, labels, thres, min_kept, weight=weight)
+        assert torch.equal(criterion.last.mask, ref_kept)
+        assert close(loss, ref_loss, torch.float32)
