@@ -125,3 +125,15 @@ def test_every_class_shows_its_constructor_signature(site: Path) -> None:
         body = api[heading.end() : heading.end() + 6000]
         assert "doc-signature" in body, f"{heading.group(1)} shows no signature"
     assert classes >= 10, "the class entries were not found"
+
+
+def test_a_way_in(site: Path) -> None:
+    """A getting-started page with the install for both machines and the examples,
+    linked from the home page; a FAQ."""
+    start = re.sub(r"<[^>]+>", "", (site / "getting_started" / "index.html").read_text())
+    assert "download.pytorch.org/whl/cpu" in start and "torch==2." in start
+    for script in ("mask_ddp.py", "two_pass.py", "hf_trainer.py"):
+        assert script in start, f"the getting-started page lacks {script}"
+    home = (site / "index.html").read_text()
+    assert 'href="getting_started/"' in home and 'href="faq/"' in home
+    assert (site / "faq" / "index.html").exists()
