@@ -137,3 +137,33 @@ def test_a_way_in(site: Path) -> None:
     home = (site / "index.html").read_text()
     assert 'href="getting_started/"' in home and 'href="faq/"' in home
     assert (site / "faq" / "index.html").exists()
+
+
+def test_figures_are_embedded_on_the_pages_that_discuss_them(site: Path) -> None:
+    wanted = {
+        "benchmarks": ["quality.png", "roi_quality.png", "roi_skewed.png"],
+        "when_global_pays": ["budget.png"],
+    }
+    for page, figures in wanted.items():
+        html = (site / page / "index.html").read_text()
+        for figure in figures:
+            assert f'src="../results/{figure}"' in html, f"{page} does not show {figure}"
+            assert (site / "results" / figure).exists()
+
+
+def test_math_is_typeset(site: Path) -> None:
+    guide = (site / "guide" / "index.html").read_text()
+    assert 'class="arithmatex"' in guide and "javascripts/mathjax.js" in guide
+    assert "Σ_{" not in prose(guide), "a formula is still raw text"
+
+
+def test_results_tables_are_read_from_the_json(site: Path) -> None:
+    """The tables the hook makes carry the JSON's numbers (e.g. the load 1.29, 1.65)."""
+    import json
+
+    page = (site / "when_global_pays" / "index.html").read_text()
+    assert "<!-- bench:" not in page
+    rows = json.loads((REPO / "bench" / "results" / "budget.json").read_text())["rows"]
+    for row in rows:
+        load = f"{row['hard_on_fullest_rank'] / row['budget']:.2f}"
+        assert f"<td>{load}</td>" in page, f"{row['cell']}: load {load} not shown"
