@@ -19,6 +19,7 @@ selector paths, with uneven ranks, a rank whose pixels are all ignored and an em
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -46,13 +47,15 @@ from tests.test_peers import NUM_CLASSES, P6, _ce, _mask, _roi_scores, _ssd_logi
 REL = 1e-5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 STYLES = ["random", "ties", "easy", "hard", "mixed"]
-EXAMPLES = 150
+#: Examples per W=1 property (COMPAT_EXAMPLES=2000 for a longer hunt).
+EXAMPLES = int(os.environ.get("COMPAT_EXAMPLES", "150"))
 
 
 def rel_tol(dtype: torch.dtype) -> float:
-    """Loss tolerance: 1e-5, or one unit in the last place of a half-precision loss (the
-    preset returns the loss in the logits' dtype, the references partly in float32)."""
-    return REL if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps
+    """Loss tolerance: 1e-5, or two units in the last place of a half-precision loss: the
+    preset returns it in the logits' dtype, rounded twice (the sum, then the scaled sum);
+    the references and the brute force partly in float32 or float64."""
+    return REL if dtype in (torch.float32, torch.float64) else 2 * torch.finfo(dtype).eps
 
 
 def close(got: torch.Tensor | float, want: torch.Tensor | float, dtype: torch.dtype) -> bool:
@@ -590,6 +593,14 @@ def test_ssd_matches_the_peer(case, ratio):
         "ratio*P_i > negatives": any(
             math.ceil(ratio * p) > n for p, n in zip(positives, negatives, strict=True)
         ),
+        # Not a departure of the preset's: in float16/bfloat16 on CPU, torch's CE over
+        # torchvision's (N*A, C) layout (log_softmax on the last dim, accumulated in the
+        # half dtype) is less exact than over the preset's (N, C, A) one: 0.0049 against
+        # 0.0046 (exact) for logits (-3.13, 2.24), target 1, float16.
+        "half-precision CE kernel": not torch.equal(
+            F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none"),
+            F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").flatten(),
+        ),
     }
     if compared(departures):
         ref_loss, ref_selected = ssd_hard_negatives_reference(logits, targets, ratio)
@@ -927,3 +938,15 @@ def test_hrnet_class_weights_through_ohemloss():
         ref_loss, ref_kept = hrnet_ohem_reference(logits, labels, thres, min_kept, weight=weight)
         assert torch.equal(criterion.last.mask, ref_kept)
         assert close(loss, ref_loss, torch.float32)
+
+
+def test_ssd_half_precision_losses_are_the_accurate_layout():
+    """Not a named departure: in float16 on CPU the preset's per-anchor CE ((N, C, A)
+    layout) is the exact one rounded, torchvision's ((N*A, C)) is not, so the losses,
+    and with near ties the negatives picked, can differ in float16/bfloat16."""
+    logits = torch.tensor([[[20.0, 0.0], [-3.1289, 2.2422]]], dtype=torch.float16)
+    targets = torch.tensor([[0, 1]])
+    ref_loss, _ = ssd_hard_negatives_reference(logits, targets, 1.0)
+    loss = compat.ssd_hard_negatives(1.0)(logits, targets)
+    exact = F.cross_entropy(logits.double().transpose(1, 2), targets, reduction="none").sum()
+    assert abs(float(loss) - float(exact)) < 1e-5 < abs(float(ref_loss) - float(exact))
