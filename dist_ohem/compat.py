@@ -101,8 +101,9 @@ def mmseg_ohem(
     - When ``min_kept * N`` reaches the valid count, mmseg drops the most confident
       pixel(s) unless ``thresh`` is above them; here every valid pixel is kept.
     - With ``avg_non_ignore=True`` mmseg adds float32 eps to the divisor; not here.
-    - Probabilities are compared with ``thresh`` in float64, not in the logits' dtype
-      (they differ only where ``thresh`` is not representable in float16/bfloat16).
+    - Probabilities are compared with ``thresh`` in float64, not in the logits' dtype:
+      a probability equal to ``thresh`` rounded down to that dtype (float32 included)
+      is kept here and dropped by mmseg.
     """
     common = {"min_kept": min_kept, "min_kept_per": "example"}
     normalizer = "valid" if avg_non_ignore else "instances"
@@ -134,6 +135,9 @@ def paddleseg_ohem(
     - PaddleSeg divides by the kept count plus ``1e-5 * N*H*W``, to avoid a division by
       zero; here by the kept count (at least 1), so the loss of a small kept set is not
       shrunk.
+    - Probabilities are compared with ``thresh`` in float64, not in the logits' dtype:
+      a probability equal to ``thresh`` rounded down to that dtype (float32 included)
+      is kept here and dropped by PaddleSeg.
     """
     return OHEMLoss(
         _pixel_ce(ignore_index),
@@ -163,6 +167,9 @@ def hrnet_ohem(
       pixel(s); here every valid pixel is kept.
     - An all-ignored batch raises ``IndexError`` in HRNet; here it selects nothing and
       the loss is 0.
+    - Probabilities are compared with ``thres`` in float64, not in the logits' dtype:
+      a probability equal to ``thres`` rounded down to that dtype (float32 included)
+      is kept here and dropped by HRNet.
     """
     return OHEMLoss(
         _pixel_ce(ignore_label),

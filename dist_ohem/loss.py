@@ -99,7 +99,7 @@ class OHEMLoss(nn.Module):
     loss is still the criterion's. E.g. ``score=-losses.detach()`` selects the easiest.
 
     Each call selects on its own: under gradient accumulation every micro-batch gets its
-    own top-M of that micro-batch (README, "Sequences, padding and accumulation").
+    own top-M of that micro-batch (the docs page "Sequences, padding and accumulation").
 
     With ``nan="ignore"`` a NaN loss is never selected and adds nothing to the value, but
     the backward still runs through every instance: NaN *activations* (NaN inputs, say)
