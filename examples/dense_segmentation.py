@@ -164,6 +164,7 @@ def main() -> None:
             "object_accuracy": object_accuracy,
         }
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    criterion.selector.check()  # on GPUs, raises what the last step's deferred checks hold
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

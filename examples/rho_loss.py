@@ -171,6 +171,8 @@ def main() -> None:
             "accuracy": accuracy,
         }
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    for each in (selector, loss_selector):  # on GPUs, raise what deferred checks hold
+        each.check()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

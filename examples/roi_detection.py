@@ -440,6 +440,7 @@ def train(cfg: Config) -> dict | None:
                     )
                 dist.barrier()
     bar.close()
+    selector.selector.check()  # on GPUs, raises what the last step's deferred checks hold
     if rank == 0:
         records = [
             json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
