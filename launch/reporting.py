@@ -10,6 +10,9 @@ import logging
 import math
 import os
 import re
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -74,8 +77,77 @@ def write_eval(metrics: TextIO | None, step: int, values: dict[str, float], eng:
     log.info("eval after step %d | %s", step, " ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
 
-def report(cfg: Config, record: dict[str, object], bar: tqdm) -> None:
-    """Progress bar every step, a log line every ``log_every`` steps."""
+#: Seconds between the plain progress lines written when stderr is not a terminal.
+PLAIN_PROGRESS_INTERVAL_S = 10.0
+
+
+class PlainProgress:
+    """The progress bar where stderr is not a terminal (a file, a pipe, a job log).
+
+    A live bar redraws itself with carriage returns, which a file keeps: one line of
+    thousands of segments. This writes a plain log line instead, at most one every
+    ``interval_s`` seconds and one at the end, with tqdm's ``update``, ``set_postfix`` and
+    ``close``. ``clock`` is for tests.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        initial: int = 0,
+        desc: str = "",
+        interval_s: float = PLAIN_PROGRESS_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.total, self.initial, self.n, self.desc = total, initial, initial, desc
+        self.interval_s, self.clock = interval_s, clock
+        self.postfix: dict[str, object] = {}
+        self.started = self.last_line = clock()
+        self.n_written = initial
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.clock() - self.last_line >= self.interval_s:
+            self.write_line()
+
+    def set_postfix(self, refresh: bool = False, **values: object) -> None:
+        del refresh  # a plain line shows the values it has when it is written
+        self.postfix = values
+
+    def close(self) -> None:
+        if self.n != self.n_written:
+            self.write_line()
+
+    def write_line(self) -> None:
+        """``desc: step n/total (p%), r steps/s, elapsed, left | postfix``."""
+        now = self.clock()
+        elapsed = now - self.started
+        rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
+        left = tqdm.format_interval((self.total - self.n) / rate) if rate > 0 else "?"
+        values = " ".join(f"{key} {value}" for key, value in self.postfix.items())
+        log.info(
+            "%sstep %d/%d (%.0f%%), %.1f steps/s, %s elapsed, %s left%s",
+            f"{self.desc}: " if self.desc else "",
+            self.n,
+            self.total,
+            100 * self.n / max(self.total, 1),
+            rate,
+            tqdm.format_interval(elapsed),
+            left,
+            f" | {values}" if values else "",
+        )
+        self.last_line, self.n_written = now, self.n
+
+
+def progress_bar(total: int, initial: int, desc: str, show: bool) -> tqdm | PlainProgress:
+    """Rank 0's progress: tqdm's live bar on a terminal, plain lines elsewhere."""
+    if show and not sys.stderr.isatty():
+        return PlainProgress(total, initial, desc)
+    return tqdm(total=total, initial=initial, disable=not show, unit="step", desc=desc)
+
+
+def report(cfg: Config, record: dict[str, object], bar: tqdm | PlainProgress) -> None:
+    """Progress every step (as :func:`progress_bar` shows it), a log line every
+    ``log_every`` steps."""
     bar.update(1)
     examples_per_s = sum(record["selected_per_rank"]) / max(record["step_s_max"], 1e-9)
     bar.set_postfix(

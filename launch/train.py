@@ -39,7 +39,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 # `python launch/train.py` puts launch/ first on sys.path; the helpers live in launch.*.
@@ -75,6 +74,7 @@ from launch.reporting import (
     parameter_digest,
     plot_metrics,
     print_summary,
+    progress_bar,
     report,
     summarize,
     train_record,
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signum, request_stop)
 
     started, step = time.perf_counter(), start
-    bar = tqdm(total=end, initial=start, disable=eng.rank != 0, unit="step", desc=out.name)
+    bar = progress_bar(total=end, initial=start, desc=out.name, show=eng.rank == 0)
     with logging_redirect_tqdm():
         for step in range(start + 1, end + 1):
             index = batch_indices(cfg, task, step, eng.rank, eng.world_size)
