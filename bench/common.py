@@ -21,6 +21,20 @@ import torch.multiprocessing as torch_mp
 
 logger = logging.getLogger("bench")
 
+#: One colour per variant in every results plot (quality.png, roi_quality.png,
+#: roi_skewed.png): no mining, the standard RoI sampler, a random subset, local and
+#: global OHEM. The keys are the variant names the benchmarks use.
+VARIANT_COLORS = {
+    "all": "tab:gray",  # no mining
+    "sampler": "tab:purple",  # the standard RoI sampler (no mining of RoIs)
+    "random": "tab:green",
+    "local": "tab:blue",
+    "global": "tab:red",
+}
+#: Sharding colours (budget.png plots global - local per sharding): none of the
+#: variants' colours, so that a colour never means two things across the plots.
+SHARD_COLORS = {"iid": "tab:olive", "skewed": "tab:brown", "sources": "tab:cyan"}
+
 
 def run_world(world_size: int, config: Any, rank_fn: Callable[..., None]) -> Any:
     """Start ``world_size`` ranks (FileStore rendezvous in a temp dir); their raw results.

@@ -61,7 +61,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(1, str(ROOT))  # `python bench/quality.py` puts bench/ first on sys.path
 
-from bench.common import markdown_table, run_meta, write_report  # noqa: E402
+from bench.common import (  # noqa: E402
+    SHARD_COLORS,
+    VARIANT_COLORS,
+    markdown_table,
+    run_meta,
+    write_report,
+)
 from launch.engines import free_port  # noqa: E402
 
 VARIANTS = {
@@ -429,10 +435,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 std = [
                     statistics.stdev(q[headline] for q in p) if len(p) > 1 else 0 for p in points
                 ]
-                (line,) = ax.plot(x, mean, label=label, marker=".")
+                color = VARIANT_COLORS[variant]
+                ax.plot(x, mean, label=label, marker=".", color=color)
                 low = [m - s for m, s in zip(mean, std, strict=True)]
                 high = [m + s for m, s in zip(mean, std, strict=True)]
-                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+                ax.fill_between(x, low, high, color=color, alpha=0.2)
             ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target")
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -1078,7 +1085,7 @@ def plot_budget(report: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(
         2, len(tasks), figsize=(6.4 * len(tasks), 9), squeeze=False, constrained_layout=True
     )
-    colors = {"iid": "tab:blue", "skewed": "tab:red", "sources": "tab:green"}
+    colors = SHARD_COLORS
     world_sizes = sorted({r["world_size"] for r in report["rows"]})
     for column, task in enumerate(tasks):
         headline = METRICS[task][0]
@@ -1181,6 +1188,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--report-only", action="store_true", help="--budget: report the runs already done"
     )
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="redraw quality.png (with --budget: budget.png) from the committed JSON in "
+        "--output-dir, training nothing",
+    )
     parser.add_argument("--seeds", type=int, help="seeds per variant (default 5; --quick 2)")
     parser.add_argument(
         "--machine",
@@ -1203,6 +1216,12 @@ def main(argv: list[str] | None = None) -> None:
     """Train every cell x variant x seed, then print and write the report."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.replot:
+        stem = "budget" if args.budget else ("quality_quick" if args.quick else "quality")
+        report = json.loads((args.output_dir / f"{stem}.json").read_text())
+        (plot_budget if args.budget else plot)(report, args.output_dir / f"{stem}.png")
+        logger.info("redrew %s/%s.png from %s.json", args.output_dir, stem, stem)
+        return
     if args.budget:
         if args.runs_dir == ROOT / "runs" / "quality":
             args.runs_dir = ROOT / "runs" / "budget"

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import statistics
@@ -54,7 +55,13 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
-from bench.common import markdown_table, run_meta, run_world, write_report  # noqa: E402
+from bench.common import (  # noqa: E402
+    VARIANT_COLORS,
+    markdown_table,
+    run_meta,
+    run_world,
+    write_report,
+)
 from bench.quality import fmt, mean_std, paired_difference, time_to_target  # noqa: E402
 
 VARIANTS = {
@@ -188,7 +195,10 @@ def read_run(run_dir: Path, summary: dict, variant: str, seed: int, cfg: Any) ->
 
 def in_cell(runs: list[dict], cell: Cell) -> list[dict]:
     """The runs of ``cell``."""
-    return [r for r in runs if (r["world_size"], r["shard"]) == (cell.world_size, cell.shard)]
+    # Results written before the skewed cell existed name no shard: they are iid.
+    return [
+        r for r in runs if (r["world_size"], r.get("shard", "iid")) == (cell.world_size, cell.shard)
+    ]
 
 
 def aggregate(runs: list[dict], cells: tuple[Cell, ...]) -> list[dict[str, Any]]:
@@ -359,7 +369,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = [Cell._make(cell) for cell in report["cells"]]
+    # (W, steps) in results written before the skewed cell existed: iid cells.
+    cells = [Cell._make(cell if len(cell) == 3 else [*cell, "iid"]) for cell in report["cells"]]
     figure, axes = plt.subplots(1, len(cells), figsize=(5 * len(cells), 3.8), squeeze=False)
     for ax, cell in zip(axes[0], cells, strict=True):
         for variant in cell.variants:
@@ -368,10 +379,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
             x = [statistics.fmean(q["examples"] for q in p) for p in points]
             mean = [statistics.fmean(q["map"] for q in p) for p in points]
             std = [statistics.stdev(q["map"] for q in p) if len(p) > 1 else 0 for p in points]
-            (line,) = ax.plot(x, mean, marker=".", label=VARIANTS[variant])
+            color = VARIANT_COLORS[variant]
+            ax.plot(x, mean, marker=".", label=VARIANTS[variant], color=color)
             ax.fill_between(
                 x, [m - s for m, s in zip(mean, std, strict=True)],
-                [m + s for m, s in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.2,
+                [m + s for m, s in zip(mean, std, strict=True)], color=color, alpha=0.2,
             )  # fmt: skip
         ax.set(title=f"W={cell.world_size}, {cell.shard} shard, 1 image per rank",
                xlabel="RoIs back-propagated", ylabel="test mAP@[.5:.95]")  # fmt: skip
@@ -590,12 +602,25 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="why global trails local on the skewed shard: roi_skewed_diagnosis.{json,md}",
     )
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="redraw the figure (roi_quality.png; --skewed-only: roi_skewed.png) from the "
+        "committed JSON in --output-dir, training nothing",
+    )
     parser.add_argument("--seeds", type=int, help="seeds per variant (default 5; --quick 2)")
     parser.add_argument("--machine", default="not stated", help="a note: quiet or shared?")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "roi_quality")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.replot:
+        stem = ("roi_skewed" if args.skewed_only else "roi_quality") + (
+            "_quick" if args.quick else ""
+        )
+        report = json.loads((args.output_dir / f"{stem}.json").read_text())
+        plot(report, args.output_dir / f"{stem}.png")
+        return
     import roi_detection
     import roi_scenes
 
