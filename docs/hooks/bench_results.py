@@ -485,7 +485,42 @@ def _global_extra_ms() -> list[float]:
     return [_q_step_ms(c, "global") - _q_step_ms(c, "local") for c in _cells()]
 
 
+def _mbm_rows(world_size: int = 1) -> list[dict]:
+    return [r for r in load("micro_batch_memory.json")["rows"] if r["world_size"] == world_size]
+
+
+def micro_batch_memory() -> str:
+    """Peak saved activations and largest layer output per micro_batch_size (W = 1; the
+    same on both ranks of W = 2)."""
+    rows = _mbm_rows()
+    plain = max(rows[0]["peak_saved_mib_per_rank"])
+    batch, keep = (load("micro_batch_memory.json")["config"][k] for k in ("batch", "keep"))
+    lines = [
+        f"| method (per rank: {batch} scored, {round(batch * keep)} trained) "
+        "| peak saved activations | vs plain | largest layer output |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        peak = max(row["peak_saved_mib_per_rank"])
+        if row["method"] == "plain":
+            name, ratio = f"plain training ({batch} forward + backward)", "1"
+        else:
+            ratio = f"{peak / plain:.3f}".rstrip("0")
+            size = row["micro_batch_size"]
+            name = "`ohem_step`, one chunk" if size is None else f"`micro_batch_size={size}`"
+        lines.append(f"| {name} | {peak:.2f} MiB | {ratio} | {row['largest_output_mib']:.2f} MiB |")
+    return "\n".join(lines)
+
+
+def _mbm_two_pass_ms() -> str:
+    rows = _mbm_rows()
+    times = [r["step_ms"] for r in rows if r["method"] != "plain"]
+    plain = next(r["step_ms"] for r in rows if r["method"] == "plain")
+    return f"{min(times):.0f}-{max(times):.0f} ms against {plain:.0f} ms"
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "micro-batch-memory": micro_batch_memory,
     "budget-more-seeds-digits": lambda: budget_more_seeds("digits"),
     "budget-more-seeds-detection": lambda: budget_more_seeds("detection"),
     "throughput": throughput,
@@ -538,6 +573,12 @@ NUMBERS: dict[str, Callable[[], str]] = {
     "roi_skewed.date": lambda: _date("roi_skewed.json"),
     "roi_skewed.minutes": lambda: f"{load('roi_skewed.json')['meta']['wall_s'] / 60:.0f} min",
     "budget.date": lambda: _date("budget.json"),
+    "micro_batch_memory.date": lambda: _date("micro_batch_memory.json"),
+    "micro_batch_memory.load": lambda: "{:.1f}-{:.1f}".format(
+        load("micro_batch_memory.json")["meta"]["load_start"][0],
+        load("micro_batch_memory.json")["meta"]["load_end"][0],
+    ),
+    "micro_batch_memory.step_ms": _mbm_two_pass_ms,
     # two-pass throughput
     "throughput.mask_range": _mask_range,
     **{
