@@ -519,6 +519,151 @@ def _mbm_two_pass_ms() -> str:
     return f"{min(times):.0f}-{max(times):.0f} ms against {plain:.0f} ms"
 
 
+# --- prose figures of the quality and budget studies -------------------------------
+
+_DET = ("detection W=2 iid", "detection W=2 skewed", "detection W=4 skewed")
+
+
+def _q_all_detection_aps() -> tuple[list[float], list[float]]:
+    """No mining's final AP on detection: each cell's best seed (the one that left the
+    "everything negative" plateau), and every other seed."""
+    best, rest = [], []
+    for cell in _DET:
+        aps = sorted(
+            r["final"]["ap"]
+            for r in load("quality.json")["runs"]
+            if r["cell"] == cell and r["variant"] == "all"
+        )
+        best.append(aps[-1])
+        rest.extend(aps[:-1])
+    return best, rest
+
+
+def _q_final_range(cells: tuple[str, ...], variants: tuple[str, ...], metric: str) -> str:
+    values = [_q(c, v)["final"][metric]["mean"] for c in cells for v in variants]
+    return _range(values, lambda v: f"{v:.2f}", "\u2013")
+
+
+def _q_load() -> str:
+    meta = load("quality.json")["meta"]
+    loads = [meta["load_start"][0], meta["load_end"][0]]
+    return f"{min(loads):.1f}\u2013{max(loads):.1f}"
+
+
+def _hard_share(task: str) -> float:
+    """The share of hard examples in the task's batches, from the largest iid cell."""
+    rows, _ = _budget_rows()
+    row = rows[(task, 4, 64, "iid")]
+    return row["hard_per_rank_mean"] / row["per_rank"]
+
+
+#: shard=sources: rank r reads source r mod 4, the sources holding the hard examples
+#: 4 : 2 : 1 : 0 (launch/data.py), so source 0 holds 4/7 of them in a quarter of the data.
+SOURCE_WEIGHTS = (4, 2, 1, 0)
+
+
+def _p_over_keep(task: str, shard: str, world_size: int = 4) -> float:
+    """*p* / keep: the hard share of the rank that gets the most, over keep."""
+    g = _hard_share(task)
+    p = {
+        "iid": g,
+        "sources": g * len(SOURCE_WEIGHTS) * SOURCE_WEIGHTS[0] / sum(SOURCE_WEIGHTS),
+        "skewed": min(1.0, world_size * g),
+    }[shard]
+    return p / load("budget.json")["keep"]
+
+
+def _gml(task: str, w: int, n: int, shard: str) -> dict:
+    """Headline global - local of a budget cell, over the more seeds where rerun."""
+    if shard == "iid":
+        for r in load("budget.json")["more_seeds"]:
+            if (r["task"], r["world_size"], r["per_rank"]) == (task, w, n):
+                return r["global_minus_local"][HEADLINE[task]]
+    return _budget_cell(task, w, n, shard)
+
+
+def _rule_cells(rule: str, task: str, shard: str | None = None) -> list[tuple[int, int, dict]]:
+    """The cells of a row of the rule table: (W, n, global - local) for 'over' (*p* / keep
+    >= 2), 'small' (below that, budget keep·n <= 2) and 'large' (below, budget >= 4)."""
+    out = []
+    for r in _budget():
+        if r["task"] != task or (shard and r["shard"] != shard):
+            continue
+        over = _p_over_keep(task, r["shard"], r["world_size"]) >= 2
+        kind = "over" if over else "small" if r["budget"] <= 2 else "large"
+        if kind == rule:
+            w, n = r["world_size"], r["per_rank"]
+            out.append((w, n, _gml(task, w, n, r["shard"])))
+    return out
+
+
+def _sig(value: float) -> str:
+    """Signed, two significant figures (+0.015, +0.12)."""
+    return f"{value:+#.2g}".replace("-", MINUS)
+
+
+def _rule_over(task: str, fmt: Callable[[float], str], join: str) -> str:
+    cells = sorted(_rule_cells("over", task), key=lambda c: c[2]["mean"])
+    low, high = cells[0], cells[-1]
+    return f"{fmt(low[2]['mean'])} (n = {low[1]}){join}{fmt(high[2]['mean'])} (n = {high[1]})"
+
+
+def _means_range(cells: list[tuple[int, int, dict]], digits: int = 3) -> str:
+    means = [d["mean"] for _, _, d in cells]
+    return _range(means, lambda v: _signed(v, digits), " to ")
+
+
+def _rule_small_detection_iid() -> str:
+    cells = _rule_cells("small", "detection", "iid")
+    ahead = [d["ahead"] for _, _, d in cells]
+    seeds = {d["n"] for _, _, d in cells}
+    (n,) = seeds
+    return f"{_means_range(cells)} (ahead in {min(ahead)}\u2013{max(ahead)} of {n} seeds)"
+
+
+def _rule_small_detection_skewed() -> str:
+    cells = sorted(_rule_cells("small", "detection", "skewed"), key=lambda c: c[1])
+    return " and ".join(f"{_signed(d['mean'])} (n = {n})" for _, n, d in cells)
+
+
+def _rule_small_digits() -> tuple[tuple, tuple, list]:
+    """The digits cells of the small-budget row: the iid and the sources cell with the
+    largest gain, and the others."""
+    iid = max(_rule_cells("small", "digits", "iid"), key=lambda c: c[2]["mean"])
+    src = max(_rule_cells("small", "digits", "sources"), key=lambda c: c[2]["mean"])
+    rest = [c for c in _rule_cells("small", "digits") if c not in (iid, src)]
+    return iid, src, rest
+
+
+def _rule_small_digits_iid() -> str:
+    (w, n, d), _, _ = _rule_small_digits()
+    return f"{_signed(d['mean'])} at W={w} n={n} iid ({d['ahead']} of {d['n']} seeds)"
+
+
+def _digits_skewed() -> list[dict]:
+    return [r for r in _budget() if r["task"] == "digits" and r["shard"] == "skewed"]
+
+
+def _kept_range(variant: str) -> str:
+    kept = [r["variants"][variant]["hard_kept"]["mean"] for r in _digits_skewed()]
+    return _range(kept, lambda v: f"{v:.2f}", "\u2013")
+
+
+def _head_range() -> str:
+    d = [r["global_minus_local"]["head_acc"]["mean"] for r in _digits_skewed()]
+    return f"{_signed(max(d))} to {_signed(min(d))}"
+
+
+def _tail(variant: str, w: int, n: int, shard: str) -> float:
+    rows, _ = _budget_rows()
+    return rows[("digits", w, n, shard)]["variants"][variant]["final"]["tail_acc"]["mean"]
+
+
+def _global_same_tail() -> str:
+    a, b = f"{_tail('global', 4, 8, 'iid'):.3f}", f"{_tail('global', 8, 4, 'iid'):.3f}"
+    return a if a == b else f"{a} and {b}"
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "micro-batch-memory": micro_batch_memory,
     "budget-more-seeds-digits": lambda: budget_more_seeds("digits"),
@@ -742,6 +887,58 @@ NUMBERS: dict[str, Callable[[], str]] = {
         f"{_q(_Q_D4, 'global')['train_s']['mean']:.2f} s"
     ),
     "selection.small_ms": lambda: f"{_sel(2)['small']['selector_ms']:.1f} ms",
+    # prose of the quality study (benchmarks.md)
+    "quality.detection_all.off": lambda: _range(
+        _q_all_detection_aps()[0], lambda v: f"{v:.2f}", "\u2013"
+    ),
+    "quality.detection_all.stuck": lambda: _range(
+        _q_all_detection_aps()[1], lambda v: f"{v:.2f}", "\u2013"
+    ),
+    "quality.keep": lambda: _pct(load("quality.json")["keep"]),
+    "quality.head_acc": lambda: _q_final_range(
+        tuple(c for c in _cells() if c.startswith("digits")), tuple(VARIANTS), "head_acc"
+    ),
+    "quality.hard_negative_ohem": lambda: _q_final_range(
+        _DET, ("local", "global"), "hard_negative_acc"
+    ),
+    "quality.hard_negative_all": lambda: _q_final_range(_DET, ("all",), "hard_negative_acc"),
+    "quality.positive_all": lambda: _q_final_range(_DET, ("all",), "positive_acc"),
+    "quality.load": _q_load,
+    # the rule of when_global_pays.md
+    **{
+        f"budget.p_keep.{task}.{shard}{'' if w == 4 else '.w8'}": (
+            lambda task=task, shard=shard, w=w: f"{_p_over_keep(task, shard, w):#.2g}"
+        )
+        for task in TASKS
+        for shard, w in (("iid", 4), ("sources", 4), ("skewed", 4), ("skewed", 8))
+    },
+    **{f"budget.hard_share.{task}": (lambda task=task: _pct(_hard_share(task))) for task in TASKS},
+    "budget.rule.over.digits": lambda: _rule_over("digits", lambda v: _signed(v, 2), " to "),
+    "budget.rule.over.detection": lambda: _rule_over("detection", _sig, ", "),
+    "budget.rule.over.cells": lambda: str(sum(len(_rule_cells("over", task)) for task in TASKS)),
+    "budget.rule.small.detection_iid": _rule_small_detection_iid,
+    "budget.rule.small.detection_iid_2": lambda: _means_range(
+        _rule_cells("small", "detection", "iid"), 2
+    ),
+    "budget.rule.small.detection_skewed": _rule_small_detection_skewed,
+    "budget.rule.small.detection_sources": lambda: _means_range(
+        _rule_cells("small", "detection", "sources")
+    ),
+    "budget.rule.small.digits_iid": _rule_small_digits_iid,
+    "budget.rule.small.digits_sources": lambda: _signed(_rule_small_digits()[1][2]["mean"]),
+    "budget.rule.small.digits_rest": lambda: _means_range(_rule_small_digits()[2]),
+    "budget.rule.large": lambda: _means_range(
+        [c for task in TASKS for c in _rule_cells("large", task)]
+    ),
+    "budget.rule.large_abs": lambda: (
+        f"{max(abs(d['mean']) for t in TASKS for _, _, d in _rule_cells('large', t)):.3f}"
+    ),
+    "budget.global_same_tail": _global_same_tail,
+    "budget.local_tail.iid": lambda: f"{_tail('local', 4, 8, 'iid'):.3f}",
+    "budget.local_tail.skewed": lambda: f"{_tail('local', 4, 8, 'skewed'):.3f}",
+    "budget.kept.local": lambda: _kept_range("local"),
+    "budget.kept.global": lambda: _kept_range("global"),
+    "budget.head_range": _head_range,
 }
 
 
