@@ -61,25 +61,63 @@ def test_the_pages_tables_of_results_are_generated() -> None:
         assert f"<!-- bench: {name} -->" in pays
 
 
+FIGURE = re.compile(r"\d(?:[\d.,]*\d)?(?:\u00d7| ms| KB)|\b2026-\d\d-\d\d\b")
+
+
+def _unmarked(text: str) -> list[tuple[str, str]]:
+    """Each figure with a x, ms or KB unit, or a date, not followed by its marker
+    (outside tables and code blocks): (figure, its line)."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    # drop each checked figure with its marker (a figure may hold several numbers)
+    kept, end = [], 0
+    for match in hook.NUMBER.finditer(text):
+        want = hook.number(match.group("name"))
+        start = match.start() - len(want) if text[: match.start()].endswith(want) else None
+        kept.append(text[end : match.start() if start is None else start])
+        end = match.end()
+    text = "".join(kept) + text[end:]
+    out = []
+    for match in FIGURE.finditer(text):
+        rest = text[match.end() :]
+        line_start = text[: match.start()].rsplit("\n", 1)[-1]
+        if line_start.startswith("|") or rest.startswith("<!--"):
+            continue
+        if re.match(r"[\u2013-]", rest) or re.match(r"\d", rest):
+            continue  # the first number of a range: its marker follows the range
+        out.append((match.group(), line_start + match.group()))
+    return out
+
+
 def test_readme_benchmarks_section_quotes_only_checked_numbers() -> None:
     readme = (REPO / "README.md").read_text()
     section = re.search(r"^## Benchmarks\n(.*?)(?=^## )", readme, re.M | re.S).group(1)
     assert "<!-- bench-copy: throughput-short -->" in section
-    # every figure with a x, ms or KB unit, or a date, is followed by its marker
-    for match in re.finditer(r"\d(?:[\d.,]*\d)?(?:\u00d7| ms| KB)|\b2026-\d\d-\d\d\b", section):
-        rest = section[match.end() :]
-        in_table = section[: match.start()].rsplit("\n", 1)[-1].startswith("|")
-        if in_table or rest.startswith("<!--"):
-            continue
-        if re.match(r"[\u2013-]", rest) or re.match(r"\d", rest):
-            continue  # the first number of a range: its marker follows the range
-        line = section[: match.end()].rsplit("\n", 1)[-1]
-        assert match.group() in ALLOWED_UNMARKED, f"README: unmarked figure {line!r}"
+    for figure, line in _unmarked(section):
+        assert figure in ALLOWED_UNMARKED["README.md"], f"README: unmarked figure {line!r}"
 
 
-#: Figures the README quotes from measurements without a results JSON
-#: (bench/host_syncs.py prints its counts; it writes no results file).
-ALLOWED_UNMARKED = {"2026-12-04", "2026-12-07"}
+@pytest.mark.parametrize("name", ["benchmarks.md", "when_global_pays.md"])
+def test_results_pages_quote_only_checked_numbers(name: str) -> None:
+    for figure, line in _unmarked((REPO / "docs" / name).read_text()):
+        assert figure in ALLOWED_UNMARKED[name], f"{name}: unmarked figure {line!r}"
+
+
+#: Figures quoted without a results JSON to check them against, each with its reason.
+ALLOWED_UNMARKED: dict[str, dict[str, str]] = {
+    "README.md": {
+        "2026-12-04": "bench/host_syncs.py prints its counts; it writes no results file",
+        "2026-12-07": "bench/host_syncs.py prints its counts; it writes no results file",
+    },
+    "benchmarks.md": {
+        "0.1 ms": "the selector's host work on a quiet core: selection.json has no quiet run",
+        "4\u00d7": "3-4x that host work on shared cores: an estimate, not a recorded ratio",
+        "9.4\u00d7": "the radix selection, timed before it became bracket's fallback; no JSON",
+    },
+    "when_global_pays.md": {
+        "2\u00d7": "the rule's threshold on p / keep, not a measurement",
+        "25 ms": "10-25 ms: the rough size of the tiny models' steps, not a quoted result",
+    },
+}
 
 
 def test_a_changed_number_fails_the_check() -> None:
