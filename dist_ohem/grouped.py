@@ -113,7 +113,7 @@ def _budget(rule: SelectionRule, valid: torch.Tensor, floor: torch.Tensor) -> to
     """A quota's budget per group: ``keep``'s count, or ``top_k`` not clamped to the
     group's size (mmdetection's ``num``), at least the floor."""
     if rule.top_k is not None:
-        return (valid * 0 + floor).clamp(min=int(rule.top_k))
+        return torch.full_like(valid, int(rule.top_k)).clamp(min=floor)
     if rule.keep is not None:
         return rule.num_candidates_to_select(valid, 0, valid, 0, floor)
     raise ValueError("a positive quota needs keep= or top_k= as its budget")

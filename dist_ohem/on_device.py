@@ -154,7 +154,8 @@ class DevicePath:
     def _ranked_keys(
         self, batch: LocalBatch, counts: _Counts, call: int, positions: torch.Tensor
     ) -> torch.Tensor:
-        """``~key`` of every instance: of its loss, or for ``scope="random"`` of its draw."""
+        """The descending key of every instance (:class:`kselect.HardnessOrder`): of its
+        loss, or for ``scope="random"`` of its draw."""
         if self.scope != "random":
             return hardness_key_of(batch.losses, batch.dtype, descending=True)
         return ~random_keys(positions + counts.offset(), self.seed, call)
@@ -232,14 +233,4 @@ class _Counts:
         return self.batch.losses.new_full((), value, dtype=torch.int64)
 
     def _of_batch(self, column: int) -> int | torch.Tensor:
-        batch = self.batch
-        return {
-            row.NUMEL: batch.numel,
-            row.VALID: batch.num_valid,
-            row.NAN: batch.num_nan,
-            row.EXAMPLES: batch.num_examples,
-            row.FORCED: batch.num_forced,
-            row.POSITIVE: batch.num_positive,
-            row.ABOVE: batch.num_above,
-            row.GROUPED: batch.num_grouped,
-        }[column]
+        return getattr(self.batch, row.BATCH_FIELDS[column])

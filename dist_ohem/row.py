@@ -77,6 +77,18 @@ _AGREED = (
     (CALLS, "number of selector calls", "call the selector once per step on every rank"),
 )
 _HASH_BITS = 48  # summed over the ranks without overflow for W < 2^15
+#: The columns that are this rank's batch numbers: the ``LocalBatch`` attribute of each.
+BATCH_FIELDS = {
+    NUMEL: "numel",
+    EXAMPLES: "num_examples",
+    VALID: "num_valid",
+    NAN: "num_nan",
+    FORCED: "num_forced",
+    POSITIVE: "num_positive",
+    ABOVE: "num_above",
+    MIN_ABOVE_KEY: "min_above_key",
+    GROUPED: "num_grouped",
+}
 
 
 class Fingerprint:
@@ -119,22 +131,9 @@ def columns(
 ) -> list[int | torch.Tensor]:
     """This rank's row after the flag, in column order (device counts stay tensors)."""
     key_bits = torch.iinfo(key_dtype).bits
-    return [
-        batch.numel,
-        batch.num_examples,
-        config,
-        key_bits,
-        calls,
-        kind,
-        agreement_hash(config, key_bits, calls, kind),
-        batch.num_valid,
-        batch.num_nan,
-        batch.num_forced,
-        batch.num_positive,
-        batch.num_above,
-        batch.min_above_key,
-        batch.num_grouped,
-    ]
+    agreed = {CONFIG: config, KEY_BITS: key_bits, CALLS: calls, KIND: kind}
+    agreed[AGREE] = agreement_hash(config, key_bits, calls, kind)
+    return [agreed[c] if c in agreed else getattr(batch, BATCH_FIELDS[c]) for c in range(1, WIDTH)]
 
 
 def gather(
