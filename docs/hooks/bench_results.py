@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -366,6 +367,136 @@ def _diag() -> dict:
     return row["variants"]["global"]["minus_local"]
 
 
+def _diag_row(lr_factor: float = 1.0, test: str = "iid") -> dict:
+    return next(
+        r
+        for r in load("roi_skewed_diagnosis.json")["rows"]
+        if r["lr_factor"] == lr_factor and r["test"] == test
+    )
+
+
+#: roi_skewed_diagnosis.json's test sets, as the runs name their final mAP.
+DIAG_TESTS = {"iid": "map", "easy": "map_easy", "hard": "map_hard"}
+
+
+def _diag_seeds(variant: str, lr_factor: float = 1.0) -> list[int]:
+    return sorted(
+        r["seed"]
+        for r in load("roi_skewed_diagnosis.json")["runs"]
+        if r["variant"] == variant and r["lr_factor"] == lr_factor
+    )
+
+
+def _diag_diffs(
+    variant: str = "global",
+    base: str = "local",
+    lr_factor: float = 1.0,
+    test: str = "iid",
+    seeds: Callable[[int], bool] = lambda seed: True,
+) -> list[tuple[int, float]]:
+    """(seed, variant - base mAP on a test set), paired by seed, from the runs."""
+    runs = {
+        (r["variant"], r["seed"]): r["final"][DIAG_TESTS[test]]
+        for r in load("roi_skewed_diagnosis.json")["runs"]
+        if r["lr_factor"] == lr_factor
+    }
+    return [
+        (s, runs[(variant, s)] - runs[(base, s)])
+        for s in _diag_seeds(variant, lr_factor)
+        if seeds(s)
+    ]
+
+
+def _stat(diffs: list[tuple[int, float]]) -> dict:
+    values = [v for _, v in diffs]
+    n = len(values)
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return {
+        "mean": mean,
+        "std": std,
+        "sem": std / n**0.5,
+        "n": n,
+        "ahead": sum(v > 0 for v in values),
+        "behind": sum(v < 0 for v in values),
+    }
+
+
+def _seed_span(seeds: list[int]) -> str:
+    if seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}\u2013{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def _diag_halves() -> tuple[list[int], list[int]]:
+    """The first and the second half of the diagnosis's seeds at the study's LR (the first:
+    the seeds roi_skewed.json was run with)."""
+    seeds = _diag_seeds("global")
+    return seeds[: len(seeds) // 2], seeds[len(seeds) // 2 :]
+
+
+def _diag_half(first: bool) -> dict:
+    """global - local on the iid test at the study's LR over one half of the seeds."""
+    half = _diag_halves()[0 if first else 1]
+    return _stat(_diag_diffs(seeds=lambda s: s in half))
+
+
+def roi_diagnosis() -> str:
+    """roi_skewed_diagnosis.json: global - local (and per-image weighting - global) on the
+    three test sets, paired by seed, from the runs."""
+    tests = list(DIAG_TESTS)
+    lines = [
+        f"| measurement ({load('roi_skewed_diagnosis.json')['steps']} steps, global \u2212 "
+        "local mAP@[.5:.95] paired by seed) | " + " | ".join(f"{t} test" for t in tests) + " |",
+        "|---" * (1 + len(tests)) + "|",
+    ]
+
+    def full(d: dict, note: str = "") -> str:
+        return f"{_signed(d['mean'])} ± {d['std']:.3f} ({d['ahead']}/{d['n']}{note})"
+
+    def row(name: str, cells: list[str]) -> None:
+        cells = cells + [""] * (len(tests) - len(cells))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    base = [_stat(_diag_diffs(test=t)) for t in tests]
+    row(
+        f"seeds {_seed_span(_diag_seeds('global'))}, the example's learning rate",
+        [full(base[0], f" ahead; s.e. {base[0]['sem']:.3f}")] + [full(d) for d in base[1:]],
+    )
+    for first, half in zip((True, False), _diag_halves(), strict=True):
+        d = _diag_half(first)
+        row(
+            f"seeds {_seed_span(half)} only",
+            [f"{_signed(d['mean'])} ({d['ahead']}/{d['n']} ahead)"],
+        )
+    for lr, name in ((0.5, "learning rate \u00d7 0.5"), (2.0, "learning rate \u00d7 2")):
+        stats = [_stat(_diag_diffs(lr_factor=lr, test=t)) for t in tests]
+        row(
+            f"{name}, seeds {_seed_span(_diag_seeds('global', lr))}",
+            [full(stats[0])] + [_signed(d["mean"]) for d in stats[1:]],
+        )
+    per_image = [_stat(_diag_diffs("global_per_image", "global", test=t)) for t in tests]
+    row(
+        "per-image normalization (global's RoIs, each image weighted as under local), "
+        f"seeds {_seed_span(_diag_seeds('global_per_image'))}, vs global",
+        [f"**{full(per_image[0])}**"]
+        + [f"{_signed(d['mean'])} ({d['ahead']}/{d['n']})" for d in per_image[1:]],
+    )
+    return "\n".join(lines)
+
+
+def _diag_kept(key: str) -> tuple[str, str]:
+    """A kept share of global and of local OHEM in the diagnosis (the study's LR)."""
+    v = _diag_row()["variants"]
+    return f"{v['global'][key]['mean']:.3f}", f"{v['local'][key]['mean']:.3f}"
+
+
+def _diag_worst_two() -> list[tuple[int, float]]:
+    """The two most negative per-seed global - local differences (iid test, the study's
+    LR), in seed order."""
+    return sorted(sorted(_diag_diffs(), key=lambda sv: sv[1])[:2])
+
+
 def _dedup(images: int, per_label: bool) -> dict:
     return next(
         r
@@ -525,18 +656,37 @@ _DET = ("detection W=2 iid", "detection W=2 skewed", "detection W=4 skewed")
 
 
 def _q_all_detection_aps() -> tuple[list[float], list[float]]:
-    """No mining's final AP on detection: each cell's best seed (the one that left the
-    "everything negative" plateau), and every other seed."""
-    best, rest = [], []
-    for cell in _DET:
-        aps = sorted(
-            r["final"]["ap"]
-            for r in load("quality.json")["runs"]
-            if r["cell"] == cell and r["variant"] == "all"
-        )
-        best.append(aps[-1])
-        rest.extend(aps[:-1])
-    return best, rest
+    """No mining's final AP on detection: the seeds that left the "everything negative"
+    plateau (those that reached the cell's target), and every other seed."""
+    off, stuck = [], []
+    for r in load("quality.json")["runs"]:
+        if r["cell"] in _DET and r["variant"] == "all":
+            (off if r["to_target"] else stuck).append(r["final"]["ap"])
+    return off, stuck
+
+
+def _q_all_detection_off_seeds() -> str:
+    """How many of each detection cell's seeds left the plateau without mining."""
+    reached = [_q(c, "all")["reached"] for c in _DET]
+    (seeds,) = {len(_q(c, "all")["seeds"]) for c in _DET}
+    return _range(reached, str, "\u2013") + f" of {seeds}"
+
+
+def _q_step_range() -> str:
+    """Every cell's and variant's mean step, ms (training seconds over steps)."""
+    steps = [_q_step_ms(c, v) for c in _cells() for v in VARIANTS]
+    return f"{min(steps):.0f}\u2013{max(steps):.0f} ms"
+
+
+def _q_rank0_hard(cell: str) -> float:
+    """The hard share of rank 0's batches in a skewed cell of the quality study. There each
+    rank draws from its own shard (``batch_size``, launch/data.py's ``rank_pool``): rank 0
+    holds every hard example and 1/W of the others, so with a hard share g of the training
+    set its share is g / (g + (1 - g) / W). g is the tasks' hard share as budget.json
+    measured it in the batches."""
+    row = _q(cell, "global")
+    g, w = _hard_share(row["task"]), row["world_size"]
+    return g / (g + (1 - g) / w)
 
 
 def _q_final_range(cells: tuple[str, ...], variants: tuple[str, ...], metric: str) -> str:
@@ -664,6 +814,30 @@ def _global_same_tail() -> str:
     return a if a == b else f"{a} and {b}"
 
 
+def _source_shares(task: str) -> str:
+    """shard=sources at W = 4: each rank's hard share, its source's weight times the task's."""
+    g = _hard_share(task) * len(SOURCE_WEIGHTS) / sum(SOURCE_WEIGHTS)
+    return "/".join(f"{100 * g * w:.0f}" for w in SOURCE_WEIGHTS) + "%"
+
+
+def _iid_kept_gap() -> float:
+    """The largest difference between global's and local's kept share on iid shards."""
+    return max(
+        abs(
+            r["variants"]["global"]["hard_kept"]["mean"]
+            - r["variants"]["local"]["hard_kept"]["mean"]
+        )
+        for r in _budget()
+        if r["shard"] == "iid"
+    )
+
+
+def _sign_test(ahead: int, behind: int) -> float:
+    """Two-sided sign test: the chance of a split at least this uneven under a fair coin."""
+    n, k = ahead + behind, min(ahead, behind)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "micro-batch-memory": micro_batch_memory,
     "budget-more-seeds-digits": lambda: budget_more_seeds("digits"),
@@ -675,6 +849,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "quality-cost": quality_cost,
     "roi-quality": roi_quality,
     "roi-skewed": roi_skewed,
+    "roi-diagnosis": roi_diagnosis,
     "budget-headline": budget_headline,
     "budget-load": budget_load,
 }
@@ -846,6 +1021,38 @@ NUMBERS: dict[str, Callable[[], str]] = {
     "roi_skewed.diagnosis": lambda: "{} ± {:.3f} (global ahead in {} of {})".format(
         _signed(_diag()["mean"]), _diag()["std"], _diag()["ahead"], _diag()["n"]
     ),
+    "roi_skewed.share_pct": lambda: f"{100 * _roi(*_SKEW, 'global')['rank0_share']['mean']:.1f}%",
+    "roi_skewed.behind": lambda: "{below} of {n}".format(
+        **_roi(*_SKEW, "global")["global_minus_local"]
+    ),
+    "roi_skewed.slots": lambda: str(load("roi_skewed.json")["plan"]["rois_per_image"]),
+    "roi_skewed.proposals": lambda: f"{load('roi_skewed.json')['plan']['proposals']:,}",
+    # the diagnosis of the skewed RoI cell (roi_skewed_diagnosis.json)
+    "roi_diag.spread": lambda: f"{_stat(_diag_diffs())['std']:.3f}",
+    "roi_diag.worst_two": lambda: " and ".join(_signed(v) for _, v in _diag_worst_two()),
+    "roi_diag.second_half": lambda: _signed(_diag_half(False)["mean"]),
+    "roi_diag.n": lambda: str(_stat(_diag_diffs())["n"]),
+    "roi_diag.mean": lambda: _signed(_stat(_diag_diffs())["mean"]),
+    "roi_diag.sem": lambda: f"{_stat(_diag_diffs())['sem']:.3f}",
+    "roi_diag.first_half": lambda: "{}, behind in {} of {}".format(
+        _signed(_diag_half(True)["mean"]), _diag_half(True)["behind"], _diag_half(True)["n"]
+    ),
+    "roi_diag.easy": lambda: "{}, {}/{}".format(
+        _signed(_stat(_diag_diffs(test="easy"))["mean"]),
+        _stat(_diag_diffs(test="easy"))["ahead"],
+        _stat(_diag_diffs(test="easy"))["n"],
+    ),
+    "roi_diag.lr_gaps": lambda: "{}, {} and {}".format(
+        *(_signed(_stat(_diag_diffs(lr_factor=lr))["mean"]) for lr in (0.5, 1.0, 2.0))
+    ),
+    "roi_diag.per_image": lambda: (
+        f"{-_stat(_diag_diffs('global_per_image', 'global'))['mean']:.3f}"
+    ),
+    "roi_diag.per_image_behind": lambda: "{behind} of {n}".format(
+        **_stat(_diag_diffs("global_per_image", "global"))
+    ),
+    "roi_diag.lookalike": lambda: "{} against local's {}".format(*_diag_kept("lookalike_kept")),
+    "roi_diag.fg": lambda: "{} and {}".format(*_diag_kept("fg_kept")),
     "roi.dedup_1": lambda: f"{_dedup(1, False)['dedup_rois_ms']:.0f} ms",
     "roi.dedup_1_label": lambda: f"{_dedup(1, True)['dedup_rois_ms']:.0f} ms",
     "roi.dedup_speedup": lambda: (
@@ -904,6 +1111,14 @@ NUMBERS: dict[str, Callable[[], str]] = {
     "quality.hard_negative_all": lambda: _q_final_range(_DET, ("all",), "hard_negative_acc"),
     "quality.positive_all": lambda: _q_final_range(_DET, ("all",), "positive_acc"),
     "quality.load": _q_load,
+    "quality.detection_all.off_seeds": _q_all_detection_off_seeds,
+    "quality.step_ms_range": _q_step_range,
+    "quality.rank0_hard.detection_w4": lambda: _pct(_q_rank0_hard(_Q_G4)),
+    "quality.rank0_hard.digits_w4": lambda: _pct(_q_rank0_hard(_Q_D4)),
+    "quality.rank0_hard.w2": lambda: (
+        f"{_pct(_q_rank0_hard('detection W=2 skewed'))} and "
+        f"{_pct(_q_rank0_hard('digits W=2 skewed'))}"
+    ),
     # the rule of when_global_pays.md
     **{
         f"budget.p_keep.{task}.{shard}{'' if w == 4 else '.w8'}": (
@@ -939,6 +1154,23 @@ NUMBERS: dict[str, Callable[[], str]] = {
     "budget.kept.local": lambda: _kept_range("local"),
     "budget.kept.global": lambda: _kept_range("global"),
     "budget.head_range": _head_range,
+    "budget.source_shares.digits": lambda: _source_shares("digits"),
+    "budget.kept.iid_gap": lambda: f"{_iid_kept_gap():.3f}",
+    "budget.kept.random": lambda: _range(
+        [r["variants"]["random"]["hard_kept"]["mean"] for r in _budget()],
+        lambda v: f"{v:.2f}",
+        "\u2013",
+    ),
+    "budget.local_lead_seeds": lambda: "{behind} of {n}".format(
+        **_budget_cell("digits", 4, 8, "iid")
+    ),
+    "budget.local_lead_more_seeds.mean": lambda: _signed(_more_seeds("digits", 4, 8)["mean"]),
+    "budget.local_lead_more_seeds.split": lambda: (
+        "{ahead} seeds there and local in {behind}".format(**_more_seeds("digits", 4, 8))
+    ),
+    "budget.local_lead_more_seeds.sign_p": lambda: "p \u2248 {:.1f}".format(
+        _sign_test(_more_seeds("digits", 4, 8)["ahead"], _more_seeds("digits", 4, 8)["behind"])
+    ),
 }
 
 
