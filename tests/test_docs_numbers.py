@@ -57,8 +57,16 @@ def test_the_pages_tables_of_results_are_generated() -> None:
     for name in ("throughput", "selection", "quality-final", "quality-cost", "roi-quality"):
         assert f"<!-- bench: {name} -->" in bench
     pays = (REPO / "docs" / "when_global_pays.md").read_text()
-    for name in ("budget-headline", "budget-load", "budget-more-seeds-digits"):
+    for name in ("budget-headline", "budget-load", "budget-more-seeds-digits", "roi-diagnosis"):
         assert f"<!-- bench: {name} -->" in pays
+    headers = re.findall(r"(?:^|\n)[^|\n][^\n]*\n+(\|[^\n]*\|)\n\|---", pays)
+    assert headers == [RULE_TABLE], f"when_global_pays.md has a hand-written table: {headers}"
+
+
+#: The one table of when_global_pays.md written by hand: it quotes ranges, marked.
+RULE_TABLE = (
+    "| your setup | *p* / keep | per-rank budget keep·n | use | measured global \u2212 local |"
+)
 
 
 FIGURE = re.compile(r"\d(?:[\d.,]*\d)?(?:\u00d7| ms| KB)|\b2026-\d\d-\d\d\b")
@@ -115,7 +123,6 @@ ALLOWED_UNMARKED: dict[str, dict[str, str]] = {
     },
     "when_global_pays.md": {
         "2\u00d7": "the rule's threshold on p / keep, not a measurement",
-        "25 ms": "10-25 ms: the rough size of the tiny models' steps, not a quoted result",
     },
 }
 
@@ -137,3 +144,63 @@ def test_the_build_strips_markers_and_fills_tables() -> None:
     assert "<!--" not in out and "25.8 ms call" in out and "| case | measured |" in out
     with pytest.raises(ValueError, match=r"selection\.dense_ms"):
         hook.on_page_markdown(page.replace("25.8", "25.9"), page=None)
+
+
+def test_the_diagnosis_table_pairs_the_runs_as_the_benchmark_did() -> None:
+    """The RoI diagnosis table pairs the runs by seed itself (for the halves of the seeds
+    and for per-image weighting against global); on the whole seed set it must give the
+    benchmark's own summaries."""
+    for row in hook.load("roi_skewed_diagnosis.json")["rows"]:
+        for variant, values in row["variants"].items():
+            if variant == "local":
+                continue
+            got = hook._stat(hook._diag_diffs(variant, "local", row["lr_factor"], row["test"]))
+            want = values["minus_local"]
+            assert got["n"] == want["n"] and got["ahead"] == want["ahead"]
+            assert got["mean"] == pytest.approx(want["mean"], abs=1e-12)
+            assert got["std"] == pytest.approx(want["std"], abs=1e-12)
+
+
+def test_the_words_around_the_numbers_hold() -> None:
+    """Claims the pages make in words about the JSON: these fail when a rerun changes them."""
+    # when_global_pays, the RoI puzzle: "a spread of 0.040, more than twice the gap"
+    gap = hook._roi(*hook._SKEW, "global")["global_minus_local"]["mean"]
+    assert hook._stat(hook._diag_diffs())["std"] > 2 * abs(gap)
+    # "Seeds 0-4 happen to include the two largest negative differences"
+    first, _ = hook._diag_halves()
+    assert all(seed in first and value < 0 for seed, value in hook._diag_worst_two())
+    # "Seeds 5-9 put global ahead"
+    assert hook._diag_half(False)["mean"] > 0
+    # "the only negative mean ... is one standard error from zero"
+    means = [
+        (r["cell"], r["global_minus_local"][hook.HEADLINE[r["task"]]])
+        for r in hook.load("budget.json")["more_seeds"]
+    ]
+    negative = [(cell, d) for cell, d in means if d["mean"] < 0]
+    assert [cell for cell, _ in negative] == ["digits W=4 n=8 iid"]
+    assert round(abs(negative[0][1]["mean"]) / negative[0][1]["sem"]) == 1
+    # "A random subset ... was the worst variant in every cell"
+    for r in hook.load("budget.json")["rows"]:
+        finals = {v: x["final"][hook.HEADLINE[r["task"]]]["mean"] for v, x in r["variants"].items()}
+        assert min(finals, key=finals.get) == "random", r["cell"]
+
+
+def test_the_quality_studys_hard_shares_follow_from_the_tasks() -> None:
+    """benchmarks.md quotes rank 0's hard share in the quality study's skewed cells,
+    derived from budget.json's measured hard share; the tasks' definitions
+    (launch/tasks.py) give the same rounded shares."""
+    from launch.tasks import DetectionSpec, digits_train_counts
+
+    counts = digits_train_counts()
+    spec = DetectionSpec()
+    exact = {
+        "digits": sum(counts[len(counts) // 2 :]) / sum(counts),
+        "detection": spec.positive_rate + spec.hard_negative_rate,
+    }
+    for cell in ("detection W=2 skewed", "detection W=4 skewed", "digits W=2 skewed", _Q_D4):
+        task, w = hook._q(cell, "global")["task"], hook._q(cell, "global")["world_size"]
+        g = exact[task]
+        assert hook._pct(hook._q_rank0_hard(cell)) == hook._pct(g / (g + (1 - g) / w)), cell
+
+
+_Q_D4 = "digits W=4 skewed"
