@@ -23,6 +23,7 @@ __all__ = [
     "batch_size",
     "call_model",
     "chunk_bounds",
+    "chunks_for",
     "map_batch",
     "move_to_shares",
     "select_rows",
@@ -90,6 +91,12 @@ def chunk_bounds(num_examples: int, chunk_size: int, num_chunks: int) -> list[sl
         slice(min(start, num_examples), min(start + chunk_size, num_examples))
         for start in range(0, num_chunks * chunk_size, chunk_size)
     ]
+
+
+def chunks_for(rows_per_rank: list[int], chunk_size: int) -> int:
+    """The chunks of at most ``chunk_size`` rows that every rank runs: enough for the rank
+    with the most rows, at least 1 (a rank with none still joins the backward)."""
+    return max(1, max(-(-rows // chunk_size) for rows in rows_per_rank))
 
 
 def balanced_shares(total: int, world_size: int) -> list[int]:

@@ -36,6 +36,7 @@ from dist_ohem.batches import (
     batch_size,
     call_model,
     chunk_bounds,
+    chunks_for,
     move_to_shares,
     select_rows,
 )
@@ -163,7 +164,7 @@ class SelectedRowsPlan(TrainingPlan):
         (train_inputs, train_targets), trained_per_rank, moving = self._rows(batch)
         num_trained = batch_size(train_inputs)
         train_chunk = self.micro_batch_size or max(max(trained_per_rank), 1)
-        num_chunks = max(1, max(-(-n // train_chunk) for n in trained_per_rank))
+        num_chunks = chunks_for(trained_per_rank, train_chunk)
         scale = normalization_scale(
             batch.selection, "mean", self.grad_average, self.group, self.normalizer
         )

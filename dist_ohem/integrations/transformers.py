@@ -78,7 +78,8 @@ Nothing else is needed for correct logging.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -92,9 +93,20 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'dist_ohem[transformers]'"
     ) from exc
 
-from dist_ohem import OHEMLoss, SelectionResult, comm
+from dist_ohem import HardExampleSelector, OHEMLoss, SelectionResult, comm
+from dist_ohem.batches import chunks_for
+from dist_ohem.integrations.lm import (
+    IGNORE_INDEX,
+    ReferenceModel,
+    concat_batches,
+    logits_of,
+    model_inputs,
+    sequence_losses,
+    token_losses,
+)
+from dist_ohem.scoring import check_scores
 
-__all__ = ["TrainerOHEMLoss", "ohem_loss_func"]
+__all__ = ["OHEMTrainer", "TrainerOHEMLoss", "ohem_loss_func"]
 
 
 class TrainerOHEMLoss:
@@ -128,12 +140,7 @@ class TrainerOHEMLoss:
                 f"built with (it reads average_tokens_across_devices and "
                 f"gradient_accumulation_steps), got {type(training_args).__name__}"
             )
-        if training_args.n_gpu > 1:
-            raise ValueError(
-                f"training_args.n_gpu is {training_args.n_gpu}: the Trainer would run "
-                "torch.nn.DataParallel in one process, where a selection across replicas "
-                "is not defined; launch one process per device (torchrun) instead"
-            )
+        _check_one_process_per_device(training_args)
         self.training_args = training_args
         self.shift_labels = shift_labels
         self.ignore_index = ignore_index
@@ -313,3 +320,241 @@ def ohem_loss_func(
     if keep is not None:
         selector_kwargs["keep"] = keep
     return TrainerOHEMLoss(training_args, shift_labels, ignore_index, selector_kwargs)
+
+
+#: The keyword arguments of :class:`dist_ohem.HardExampleSelector`, which
+#: :class:`OHEMTrainer` takes beside the Trainer's own.
+SELECTOR_KEYWORDS = frozenset(inspect.signature(HardExampleSelector).parameters)
+#: The batch entry carrying a training chunk's loss weight from ``get_batch_samples`` to
+#: ``compute_loss``; the model never sees it.
+WEIGHT_KEY = "dist_ohem_weight"
+
+
+class SkippedMicroBatch(dict):
+    """A micro-batch slot of the optimizer step that trains nothing on any rank.
+
+    Two-pass training runs fewer micro-batches than the step fetched. The Trainer counts
+    micro-batches to decide when to synchronise and step, so the unused slots stay, first
+    in the step, and :meth:`OHEMTrainer.training_step` returns 0 for them without a
+    forward or backward (the same slots on every rank: no collective is skipped by one
+    rank only). It holds an empty ``input_ids`` so that the Trainer's token and FLOP
+    counts add nothing.
+    """
+
+
+class OHEMTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains each optimizer step on the globally hardest
+    sequences only (two-pass, sequence level).
+
+    Built like a ``Trainer``, plus the selection's keywords::
+
+        trainer = OHEMTrainer(model=model, args=args, train_dataset=ds, keep=0.25)
+        trainer.train()
+
+    For each optimizer step, every rank:
+
+    1. *scores* the step's micro-batches (all ``gradient_accumulation_steps`` of them, or
+       the epoch's shorter last step) without gradients, in eval mode: each sequence's
+       mean token loss over its non-ignored labels, minus the reference model's with
+       ``reference_model=``, or ``score_fn``'s score. A sequence without a label is
+       never selected;
+    2. *selects* the global top M of the step's valid sequences over all ranks with one
+       :class:`dist_ohem.HardExampleSelector` call;
+    3. *trains* its own selected sequences in micro-batches of at most
+       ``per_device_train_batch_size``, as many on every rank (a rank with fewer runs
+       zero-weight ones), in the last slots of the step; the Trainer synchronises on the
+       last, clips, steps the optimizer and the scheduler, logs and checkpoints as usual.
+
+    The update equals a single process training on the selected sequences of the
+    concatenated global batch of the step with the Trainer's own causal-LM loss on them:
+    the mean over their non-ignored label tokens (each training micro-batch's loss is
+    ``W * sum(its token losses) / T``, T the selected sequences' label tokens over all
+    ranks, and the engine averages over the W ranks). The logged ``loss`` is that mean.
+    Evaluation is the Trainer's own, on every token.
+
+    Host reads: one per step between the passes (the selected rows and every rank's
+    count decide the training micro-batches).
+
+    Args:
+        *args: the ``Trainer``'s positional arguments.
+        reference_model: score by excess loss: the training loss minus this model's
+            loss on the same tokens (:class:`dist_ohem.integrations.lm.ReferenceModel`).
+        score_fn: ``score_fn(sequence_losses, batch) -> (B,)`` scores ranking the
+            sequences of one micro-batch (higher = harder), called under ``no_grad``;
+            ``sequence_losses`` are the training model's mean token losses ``(B,)``,
+            ``batch`` the micro-batch as the Trainer prepared it.
+        shift_labels: causal LM (position t predicts label t + 1); False for token
+            classification.
+        ignore_index: label of positions that are not targets.
+        **kwargs: the ``Trainer``'s keyword arguments, and those of
+            :class:`dist_ohem.HardExampleSelector` (``keep``, ``top_k``,
+            ``loss_thresh``, ``min_kept``, ``scope``, ...).
+
+    Attributes:
+        selector: the :class:`dist_ohem.HardExampleSelector`.
+        last_selection: the :class:`dist_ohem.SelectionResult` of the last step (None
+            before the first): K valid sequences, M selected, ``selected_per_rank``.
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        *args: Any,
+        reference_model: nn.Module | None = None,
+        score_fn: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor] | None = None,
+        shift_labels: bool = True,
+        ignore_index: int = IGNORE_INDEX,
+        **kwargs: Any,
+    ) -> None:
+        selector_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in SELECTOR_KEYWORDS}
+        if reference_model is not None and score_fn is not None:
+            raise ValueError("pass reference_model= or score_fn=, not both")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "OHEMTrainer computes its own loss; for token-level OHEM with a "
+                "compute_loss_func use ohem_loss_func and the plain Trainer"
+            )
+        self.selector = HardExampleSelector(**selector_kwargs)
+        super().__init__(*args, **kwargs)
+        _check_one_process_per_device(self.args)
+        # Training computes its own loss: the Trainer need not count the step's tokens.
+        self.model_accepts_loss_kwargs = False
+        self.reference = None if reference_model is None else ReferenceModel(reference_model)
+        self.score_fn = score_fn
+        self.shift_labels = shift_labels
+        self.ignore_index = ignore_index
+        self.last_selection: SelectionResult | None = None
+
+    def get_batch_samples(
+        self, epoch_iterator: Any, num_batches: int, device: torch.device
+    ) -> tuple[list[dict[str, Any]], None]:
+        """The step's micro-batches, replaced by its training micro-batches: skipped
+        slots first, then this rank's selected sequences in chunks."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batch_samples:
+            return batch_samples, None
+        micro_batches = [self._prepare_inputs(batch) for batch in batch_samples]
+        rows = concat_batches(micro_batches)
+        self.last_selection, targets = self._select(micro_batches)
+        return self._training_micro_batches(rows, targets, len(batch_samples)), None
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """The Trainer's step, except a skipped slot, which returns 0 and runs nothing."""
+        if isinstance(inputs, SkippedMicroBatch):
+            return torch.zeros((), device=self.args.device)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """A training micro-batch's ``weight * sum(token losses)``; anything else (the
+        evaluation) the Trainer's own loss."""
+        if WEIGHT_KEY not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        weight = inputs[WEIGHT_KEY]
+        batch = {key: value for key, value in inputs.items() if key != WEIGHT_KEY}
+        outputs = model(**model_inputs(batch))
+        losses, _ = self._token_losses(logits_of(outputs), batch["labels"])
+        loss = losses.sum() * weight
+        return (loss, outputs) if return_outputs else loss
+
+    def _score(
+        self, micro_batches: list[dict[str, Any]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(scores, valid, targets)``, each ``(N,)`` over the step's sequences: the
+        ranking score, whether it has a label, its label count. Eval mode, no gradients,
+        every micro-batch through the model the Trainer trains (ZeRO-3 and FSDP gather
+        their parameters in its forward: every rank runs as many)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                parts = [self._score_micro_batch(batch) for batch in micro_batches]
+        finally:
+            self.model.train(was_training)
+        scores, valid, targets = (torch.cat(part) for part in zip(*parts, strict=True))
+        return scores, valid, targets
+
+    def _score_micro_batch(
+        self, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One micro-batch's ``(scores, valid, targets)`` (see :meth:`_score`)."""
+        inputs = model_inputs(batch)
+        logits = logits_of(self.model(**inputs))
+        losses, kept = self._token_losses(logits, batch["labels"])
+        if self.reference is not None:
+            like = next(self.model.parameters())
+            losses = losses - self.reference.token_losses(
+                inputs, batch["labels"], like, **self._label_options()
+            )
+        scores, targets = sequence_losses(losses, kept)
+        if self.score_fn is not None:
+            scores = self.score_fn(scores, batch)
+            check_scores(scores, targets, "score_fn's return value", "sequence")
+        self.current_flos += float(self.floating_point_ops(batch)) / 3  # a forward of 3
+        return scores, targets > 0, targets
+
+    def _select(self, micro_batches: list[dict[str, Any]]) -> tuple[SelectionResult, torch.Tensor]:
+        """The global top M of the step's sequences (one selector call on every rank) and
+        ``(N,)`` each sequence's label count. A rank whose scoring raised joins the
+        selection with its error, so that every rank raises it (docs/DESIGN.md §7)."""
+        try:
+            scores, valid, targets = self._score(micro_batches)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            like = next(self.model.parameters())
+            failed = self.selector.fail(f"scoring raised {type(exc).__name__}: {exc}", like)
+            return failed, torch.zeros(0, dtype=torch.long, device=like.device)
+        return self.selector(scores, valid), targets
+
+    def _training_micro_batches(
+        self, rows: dict[str, torch.Tensor], targets: torch.Tensor, slots: int
+    ) -> list[dict[str, Any]]:
+        """``slots`` micro-batches: skipped ones, then C chunks of this rank's selected
+        rows (zero-weight chunks of one row for a rank with fewer), C the same on every
+        rank. Reads the mask and the per-rank counts."""
+        selection = self.last_selection
+        chosen = selection.mask.nonzero().squeeze(1)
+        chunk_size = self.args.per_device_train_batch_size
+        num_chunks = chunks_for(list(selection.selected_per_rank), chunk_size)
+        selected_targets = comm.all_reduce_sum(targets[chosen].sum(), self.selector.group)
+        world_size = comm.get_world_size(self.selector.group)
+        weight = world_size / selected_targets.clamp(min=1).to(torch.float32)
+        chunks = [
+            {key: value[part] for key, value in rows.items()} | {WEIGHT_KEY: weight}
+            for part in (chosen.split(chunk_size) if chosen.numel() else ())
+        ]
+        padding = {key: value[:1] for key, value in rows.items()} | {WEIGHT_KEY: weight * 0}
+        chunks += [padding] * (num_chunks - len(chunks))
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        empty = SkippedMicroBatch({main_input: rows[main_input][:0]})
+        return [empty] * (slots - num_chunks) + chunks
+
+    def _token_losses(
+        self, logits: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`dist_ohem.integrations.lm.token_losses` with this trainer's options."""
+        return token_losses(logits, labels, **self._label_options())
+
+    def _label_options(self) -> dict[str, Any]:
+        return {"shift_labels": self.shift_labels, "ignore_index": self.ignore_index}
+
+
+def _check_one_process_per_device(training_args: TrainingArguments) -> None:
+    """Raise ValueError for ``n_gpu > 1``: DataParallel in one process, no ranks to
+    select across."""
+    if training_args.n_gpu > 1:
+        raise ValueError(
+            f"training_args.n_gpu is {training_args.n_gpu}: the Trainer would run "
+            "torch.nn.DataParallel in one process, where a selection across replicas "
+            "is not defined; launch one process per device (torchrun) instead"
+        )
