@@ -54,7 +54,7 @@ def global_batch(cfg: Config, task: Task, step: int, world_size: int) -> torch.T
 
 #: ``shard="sources"``: rank r reads data source r mod 4, and source s holds
 #: SOURCE_WEIGHTS[s] / 7 of the hard examples (the easy ones fill the rest): with the
-#: digits' ~14% tail share, about 32/16/8/0% of a rank's examples are hard.
+#: digits' ~14% tail share, about 33/17/8/0% of a rank's examples are hard.
 SOURCE_WEIGHTS = (4, 2, 1, 0)
 
 

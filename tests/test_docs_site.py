@@ -28,6 +28,7 @@ PUBLIC_MODULES = {
     "dist_ohem.detection": "dist_ohem.detection",
     "dist_ohem.compat": "dist_ohem.compat",
     "dist_ohem.integrations.transformers": "dist_ohem.integrations.transformers",
+    "dist_ohem.integrations.lm": "dist_ohem.integrations.lm",
 }
 
 

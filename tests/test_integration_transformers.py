@@ -4,7 +4,8 @@ The parity runs are one ``torchrun`` launch of 2 CPU ranks
 (``tests/framework_scripts/transformers_trainer.py``) training a tiny GPT-2 for one
 epoch per configuration, one SGD step: ``average_tokens_across_devices`` on and off,
 gradient accumulation 1 and 2 (one rank with no valid token in a micro-batch), M = 1 (one
-rank selects nothing), and a bare ``OHEMLoss`` that shows the Trainer's rescaling; and
+rank selects nothing), excess-loss ranking against a reference model, and a bare
+``OHEMLoss`` that shows the Trainer's rescaling; and
 an epoch of 3 micro-batches with accumulation 2, whose last optimizer step has one
 micro-batch, followed by an evaluation.
 """
@@ -42,6 +43,7 @@ CORRECTED = {
     "no-avg-tokens-ga2": 2,
     "avg-tokens-ga2-top1": 2,
     "avg-tokens-ga2-last-partial": 3,
+    "avg-tokens-ga2-excess": 2,
 }
 #: Bare OHEMLoss: the update is W x too large with average_tokens_across_devices, and
 #: G x more with G accumulation steps (the Trainer does not divide a compute_loss_func).
@@ -255,3 +257,68 @@ def test_import_dist_ohem_does_not_import_the_frameworks():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_excess_loss_selects_by_training_minus_reference_token_loss(tmp_path):
+    """W = 1, one step of the real Trainer: the selected tokens are the top by the
+    training loss minus the reference model's loss, computed by hand, which differ from
+    the top by training loss on this data."""
+    from torch.utils.data import TensorDataset
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer
+
+    def model(seed: int) -> GPT2LMHeadModel:
+        torch.manual_seed(seed)
+        config = GPT2Config(
+            vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0,
+            eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+        return GPT2LMHeadModel(config)
+
+    ids = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(5))
+
+    def collate(rows):
+        batch = torch.stack([row[0] for row in rows])
+        return {"input_ids": batch, "labels": batch}
+
+    args = training_args(
+        tmp_path,
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.0,
+        train_sampling_strategy="sequential",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trained, reference = model(0), model(1)
+    with torch.no_grad():
+        own = nn.functional.cross_entropy(
+            trained(input_ids=ids).logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1),
+            reduction="none",
+        )  # fmt: skip
+        ref = nn.functional.cross_entropy(
+            reference(input_ids=ids).logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1),
+            reduction="none",
+        )  # fmt: skip
+    loss_func = ohem_loss_func(args, keep=0.25, reference_model=reference)
+    trainer = Trainer(
+        model=trained,
+        args=args,
+        train_dataset=TensorDataset(ids),
+        data_collator=collate,
+        compute_loss_func=loss_func,
+    )
+    loss_func.attach(trainer)
+    trainer.train()
+    everything = torch.ones_like(own, dtype=torch.bool)
+    expected = hardest_mask(own - ref, everything, {"keep": 0.25})
+    assert torch.equal(loss_func.last.mask, expected)
+    assert not torch.equal(hardest_mask(own, everything, {"keep": 0.25}), expected)
+
+
+def test_reference_model_without_attach_is_a_clear_error(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    reference = GPT2LMHeadModel(GPT2Config(vocab_size=7, n_embd=8, n_layer=1, n_head=2))
+    loss_func = ohem_loss_func(training_args(tmp_path), keep=0.5, reference_model=reference)
+    with pytest.raises(RuntimeError, match=r"attach\(trainer\)"):
+        loss_func({"logits": torch.zeros(2, 5, 7)}, torch.zeros(2, 5, dtype=torch.long))

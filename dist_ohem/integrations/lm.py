@@ -19,6 +19,7 @@ from torch import nn
 __all__ = [
     "IGNORE_INDEX",
     "ReferenceModel",
+    "aligned",
     "concat_batches",
     "logits_of",
     "model_inputs",
@@ -56,6 +57,26 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in batch.items() if key != "labels"}
 
 
+def aligned(
+    logits: torch.Tensor, labels: torch.Tensor, shift_labels: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` with position t's logits against label t + 1 when
+    ``shift_labels`` (causal LM), the labels on the logits' device.
+
+    Raises:
+        ValueError: they do not line up.
+    """
+    if shift_labels:
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+    if tuple(logits.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)} do not match labels of shape "
+            f"{tuple(labels.shape)}{' after the causal shift' if shift_labels else ''}; "
+            "pass shift_labels=False for token classification"
+        )
+    return logits, labels.to(logits.device)
+
+
 def token_losses(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -79,15 +100,7 @@ def token_losses(
     Raises:
         ValueError: logits and labels do not line up.
     """
-    if shift_labels:
-        logits, labels = logits[..., :-1, :], labels[..., 1:]
-    if tuple(logits.shape[:-1]) != tuple(labels.shape):
-        raise ValueError(
-            f"logits of shape {tuple(logits.shape)} do not match labels of shape "
-            f"{tuple(labels.shape)}{' after the causal shift' if shift_labels else ''}; "
-            "pass shift_labels=False for token classification"
-        )
-    labels = labels.to(logits.device)
+    logits, labels = aligned(logits, labels, shift_labels)
     losses = nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
         labels.reshape(-1),

@@ -98,6 +98,7 @@ from dist_ohem.batches import chunks_for
 from dist_ohem.integrations.lm import (
     IGNORE_INDEX,
     ReferenceModel,
+    aligned,
     concat_batches,
     logits_of,
     model_inputs,
@@ -106,7 +107,7 @@ from dist_ohem.integrations.lm import (
 )
 from dist_ohem.scoring import check_scores
 
-__all__ = ["OHEMTrainer", "TrainerOHEMLoss", "ohem_loss_func"]
+__all__ = ["OHEMTrainer", "SkippedMicroBatch", "TrainerOHEMLoss", "ohem_loss_func"]
 
 
 class TrainerOHEMLoss:
@@ -133,6 +134,7 @@ class TrainerOHEMLoss:
         shift_labels: bool,
         ignore_index: int,
         selector_kwargs: dict[str, Any],
+        reference_model: nn.Module | None = None,
     ) -> None:
         if not isinstance(training_args, TrainingArguments):
             raise TypeError(
@@ -148,15 +150,20 @@ class TrainerOHEMLoss:
         # OHEMLoss's extra all-reduce for last_mean_loss is off unless asked for.
         selector_kwargs = {"sync_mean_loss": False, **selector_kwargs}
         self.criterion = OHEMLoss(nn.CrossEntropyLoss(ignore_index=ignore_index), **selector_kwargs)
+        self.reference = None if reference_model is None else ReferenceModel(reference_model)
         self.trainer: Trainer | None = None
+        self._model_inputs: dict[str, Any] | None = None
 
     def attach(self, trainer: Trainer) -> None:
-        """Read the micro-batch count of each optimizer step from ``trainer``.
+        """Read the micro-batch count of each optimizer step from ``trainer``, and with a
+        reference model the inputs of each forward of its model.
 
         Needed with ``gradient_accumulation_steps`` G > 1 (a training call raises
         otherwise): the epoch's last optimizer step can have fewer than G micro-batches,
-        and only the Trainer knows how many (module docstring). With G = 1 every step
-        has one and ``attach`` changes nothing.
+        and only the Trainer knows how many (module docstring). Needed with
+        ``reference_model`` too: a ``compute_loss_func`` gets the outputs, not the
+        inputs, so a forward pre-hook on ``trainer.model`` keeps the last call's inputs
+        for the reference's forward.
 
         Args:
             trainer: the ``transformers.Trainer`` built with this ``compute_loss_func``.
@@ -170,6 +177,13 @@ class TrainerOHEMLoss:
                 f"got a {type(trainer).__name__} whose compute_loss_func is another object"
             )
         self.trainer = trainer
+        if self.reference is not None:
+            trainer.model.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
+
+    def _keep_inputs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook: the model's keyword inputs (the Trainer passes ``**inputs``,
+        labels removed) for the reference model's forward."""
+        self._model_inputs = dict(kwargs)
 
     @property
     def last(self) -> SelectionResult | None:
@@ -203,15 +217,30 @@ class TrainerOHEMLoss:
                 same on every rank, before any collective).
         """
         divisor = self._micro_batches() * self._trainer_scale(num_items_in_batch)
+        if self.reference is not None and self.trainer is None:
+            raise RuntimeError(
+                "reference_model needs the model's inputs: call loss_func.attach(trainer) "
+                "after building the Trainer"
+            )
         try:
             logits, targets = self._predictions(outputs, labels)
+            score = None if self.reference is None else self._excess_scores(outputs, labels)
         except (TypeError, ValueError) as exc:
             # Every rank raises this, instead of the others waiting in the selection.
             like = outputs if isinstance(outputs, torch.Tensor) else None
             if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
                 like = outputs["logits"]
             return self.criterion.fail(str(exc), like) / divisor
-        return self.criterion(logits, targets) / divisor
+        return self.criterion(logits, targets, score=score) / divisor
+
+    def _excess_scores(self, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+        """``(P,)`` each prediction's training loss minus the reference model's, on the
+        inputs of the model's last forward."""
+        options = {"shift_labels": self.shift_labels, "ignore_index": self.ignore_index}
+        own, _ = token_losses(logits_of(outputs).detach(), labels, **options)
+        like = next(self.trainer.model.parameters())
+        reference = self.reference.token_losses(self._model_inputs, labels, like, **options)
+        return (own - reference).reshape(-1)
 
     def _micro_batches(self) -> int:
         """n: the micro-batches whose gradients the current optimizer step sums.
@@ -245,31 +274,15 @@ class TrainerOHEMLoss:
         self, outputs: Any, labels: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P, V)`` float logits and ``(P,)`` targets, one row per prediction."""
-        if isinstance(outputs, torch.Tensor):
-            logits = outputs
-        elif isinstance(outputs, Mapping) and outputs.get("logits") is not None:
-            logits = outputs["logits"]
-        else:
-            keys = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
-            raise TypeError(
-                f"the model output has no logits (got {keys}); ohem_loss_func needs a model "
-                "that returns a ModelOutput with 'logits' (return_dict=True)"
-            )
+        logits = logits_of(outputs)
         if not isinstance(labels, torch.Tensor):
             raise TypeError(
                 f"labels must be a tensor, got {type(labels).__name__}: the batch needs a "
                 "'labels' entry (the Trainer passes it to compute_loss_func)"
             )
-        if self.shift_labels:
-            logits, labels = logits[..., :-1, :], labels[..., 1:]
-        if tuple(logits.shape[:-1]) != tuple(labels.shape):
-            raise ValueError(
-                f"logits of shape {tuple(logits.shape)} do not match labels of shape "
-                f"{tuple(labels.shape)}{' after the causal shift' if self.shift_labels else ''}; "
-                "pass shift_labels=False for token classification"
-            )
+        logits, labels = aligned(logits, labels, self.shift_labels)
         # Upcast as transformers' own ForCausalLMLoss does: token losses in fp32.
-        return logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).to(logits.device)
+        return logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
 
 
 def ohem_loss_func(
@@ -278,6 +291,7 @@ def ohem_loss_func(
     keep: float | None = None,
     shift_labels: bool = True,
     ignore_index: int = -100,
+    reference_model: nn.Module | None = None,
     **selector_kwargs: Any,
 ) -> TrainerOHEMLoss:
     """A ``compute_loss_func`` for ``transformers.Trainer``: token-level global OHEM.
@@ -306,6 +320,9 @@ def ohem_loss_func(
         shift_labels: causal LM (position t predicts label t + 1, as the Trainer's
             own causal-LM loss); False for token classification.
         ignore_index: label of positions that are not targets.
+        reference_model: rank the tokens by excess loss, the training loss minus this
+            model's loss on the same token (Rho-1), instead of the loss; the update still
+            uses the training loss. Needs :meth:`TrainerOHEMLoss.attach`.
         **selector_kwargs: the other :class:`dist_ohem.HardExampleSelector` arguments.
 
     Returns:
@@ -319,7 +336,9 @@ def ohem_loss_func(
     """
     if keep is not None:
         selector_kwargs["keep"] = keep
-    return TrainerOHEMLoss(training_args, shift_labels, ignore_index, selector_kwargs)
+    return TrainerOHEMLoss(
+        training_args, shift_labels, ignore_index, selector_kwargs, reference_model
+    )
 
 
 #: The keyword arguments of :class:`dist_ohem.HardExampleSelector`, which

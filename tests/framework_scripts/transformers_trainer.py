@@ -62,6 +62,8 @@ class Config:
     micro_batches: int | None = None
     #: Evaluate once after training (one batch per rank).
     evaluate: bool = False
+    #: Rank the tokens by excess loss against a reference model (make_model(seed=1)).
+    reference: bool = False
 
     @property
     def rows(self) -> int:
@@ -77,6 +79,7 @@ CONFIGS = (
     Config("no-avg-tokens-ga2", False, 2, {"keep": 0.3}),
     Config("avg-tokens-ga2-top1", True, 2, {"top_k": 1}),
     Config("avg-tokens-ga2-last-partial", True, 2, {"keep": 0.3}, micro_batches=3, evaluate=True),
+    Config("avg-tokens-ga2-excess", True, 2, {"keep": 0.3}, reference=True),
     Config("naive-avg-tokens-ga1", True, 1, {"keep": 0.3}, naive=True),
     Config("naive-avg-tokens-ga2", True, 2, {"keep": 0.3}, naive=True),
 )
@@ -104,9 +107,9 @@ class TokenDataset(Dataset):
         return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
 
 
-def make_model() -> GPT2LMHeadModel:
+def make_model(seed: int = 0) -> GPT2LMHeadModel:
     """A 1-layer GPT-2 without dropout, identical on every rank and in the reference."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=VOCAB,
         n_positions=16,
@@ -172,7 +175,7 @@ def train(config: Config, output_dir: str) -> tuple[RecordingTrainer, TrainerOHE
     loss_func = (
         BareOHEMLoss(args, True, IGNORE, dict(config.rule))
         if config.naive
-        else ohem_loss_func(args, **config.rule)
+        else ohem_loss_func(args, **config.rule, **reference_model(config))
     )
     trainer = RecordingTrainer(
         model=make_model(),
@@ -189,20 +192,38 @@ def train(config: Config, output_dir: str) -> tuple[RecordingTrainer, TrainerOHE
     return trainer, loss_func
 
 
-def ohem_mean(
-    model: GPT2LMHeadModel, per_rank: list[dict[str, torch.Tensor]], rule: dict
-) -> tuple[torch.Tensor, list[int]]:
-    """The mean of the selected token losses of the concatenated ``per_rank`` batches and
-    the selected tokens that fall in each rank's part of the concatenation (rank-major)."""
-    input_ids = torch.cat([batch["input_ids"] for batch in per_rank])
-    labels = torch.cat([batch["labels"] for batch in per_rank])
+def reference_model(config: Config) -> dict:
+    """``reference_model=`` for a configuration that ranks by excess loss, else nothing."""
+    return {"reference_model": make_model(seed=1)} if config.reference else {}
+
+
+def token_losses(model: GPT2LMHeadModel, input_ids: torch.Tensor, targets: torch.Tensor):
+    """``(P,)`` next-token losses of the rows, flattened in order (0 where ignored)."""
     logits = model(input_ids=input_ids).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    # Rank r's tokens are the rows it received, flattened in order: rank-major.
-    losses = nn.functional.cross_entropy(
+    return nn.functional.cross_entropy(
         logits.reshape(-1, VOCAB), targets.reshape(-1), reduction="none", ignore_index=IGNORE
     )
-    mask = hardest_mask(losses, targets.reshape(-1) != IGNORE, rule)
+
+
+def ohem_mean(
+    model: GPT2LMHeadModel,
+    per_rank: list[dict[str, torch.Tensor]],
+    rule: dict,
+    reference: GPT2LMHeadModel | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """The mean of the selected token losses of the concatenated ``per_rank`` batches and
+    the selected tokens that fall in each rank's part of the concatenation (rank-major).
+    With ``reference`` the tokens are ranked by the loss minus the reference's loss."""
+    input_ids = torch.cat([batch["input_ids"] for batch in per_rank])
+    labels = torch.cat([batch["labels"] for batch in per_rank])
+    targets = labels[:, 1:]
+    # Rank r's tokens are the rows it received, flattened in order: rank-major.
+    losses = token_losses(model, input_ids, targets)
+    ranked = losses.detach()
+    if reference is not None:
+        with torch.no_grad():
+            ranked = ranked - token_losses(reference, input_ids, targets)
+    mask = hardest_mask(ranked, targets.reshape(-1) != IGNORE, rule)
     tokens_per_rank = [batch["labels"][:, 1:].numel() for batch in per_rank]
     return losses[mask].mean(), [int(part.sum()) for part in mask.split(tokens_per_rank)]
 
@@ -212,6 +233,7 @@ def reference(
     accumulation: int,
     rule: dict,
     eval_batches: list[list[dict[str, torch.Tensor]]],
+    ref: GPT2LMHeadModel | None = None,
 ) -> tuple[list[torch.Tensor], list[float], list[list[int]], list[float]]:
     """Single process on the concatenated micro-batches ``batches[b][rank]``.
 
@@ -229,7 +251,7 @@ def reference(
         model.zero_grad()
         objective = 0.0
         for per_rank in step:
-            mean, selected = ohem_mean(model, per_rank, rule)
+            mean, selected = ohem_mean(model, per_rank, rule, ref)
             (mean / len(step)).backward()
             objective += mean.item() / len(step)
             selected_per_rank.append(selected)
@@ -238,7 +260,7 @@ def reference(
             for p in model.parameters():
                 p -= LR * p.grad
     with torch.no_grad():
-        eval_losses = [ohem_mean(model, per_rank, rule)[0].item() for per_rank in eval_batches]
+        eval_losses = [ohem_mean(model, per_rank, rule, ref)[0].item() for per_rank in eval_batches]
     return [p.detach() for p in model.parameters()], objectives, selected_per_rank, eval_losses
 
 
@@ -280,7 +302,11 @@ def main() -> None:
                 for seen in (trainer.seen_batches, trainer.seen_eval_batches)
             )
             params, objectives, reference_selected, eval_losses = reference(
-                batches, config.accumulation, config.rule, eval_batches
+                batches,
+                config.accumulation,
+                config.rule,
+                eval_batches,
+                reference_model(config).get("reference_model"),
             )
             history = trainer.state.log_history
             trained = list(trainer.model.parameters())
