@@ -3,8 +3,12 @@
 Throughput and activation memory of plain training, mask mode (``OHEMLoss``), two-pass
 mode (``ohem_step``) and two-pass with ``balance=True``, at keep 1/2, 1/4 and 1/8, on 1
 and 2 data-parallel CPU ranks (gloo + DDP, one thread per rank), plus a skewed case on
-2 ranks where rank 0 holds every hard example. Writes ``throughput.json`` and
-``throughput.md`` to ``bench/results/`` (``throughput_quick.*`` with ``--quick``).
+2 ranks where rank 0 holds every hard example; and a tiny GPT-2 under the Hugging Face
+``Trainer`` on 2 ranks (``bench/trainer_lm.py`` under torchrun: plain, token mask mode,
+``OHEMTrainer`` two-pass at keep 1/4 and 1/8, and two-pass with a reference model;
+``--lm-only`` reruns just these rows into the existing report). Writes
+``throughput.json`` and ``throughput.md`` to ``bench/results/`` (``throughput_quick.*``
+with ``--quick``).
 
 Setup: an all-convolutional CNN on synthetic 32x32 images with random labels (no
 downloads); strided convolutions instead of max-pooling, so the convolutions, whose
@@ -46,9 +50,12 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,6 +73,7 @@ sys.path.insert(1, str(ROOT))  # `python bench/throughput.py` puts bench/ first 
 
 from bench.common import markdown_table, run_meta, run_world, write_report  # noqa: E402
 from dist_ohem import HardExampleSelector, OHEMLoss, ohem_step  # noqa: E402
+from launch.engines import free_port  # noqa: E402
 
 KEEPS = (1 / 2, 1 / 4, 1 / 8)
 #: Methods besides plain per case: the skewed case only compares two-pass balancing.
@@ -533,6 +541,101 @@ def target_summary(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def measure_trainer_lm(world_size: int, quick: bool) -> dict[str, Any]:
+    """The language-model rows: ``bench/trainer_lm.py`` under torchrun on ``world_size``
+    CPU ranks, summarized by :func:`summarize_trainer_lm`."""
+    with tempfile.TemporaryDirectory(prefix="dist_ohem_lm_") as tmp:
+        out = Path(tmp) / "trainer_lm.json"
+        command = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}",
+            f"--master_port={free_port()}", str(ROOT / "bench" / "trainer_lm.py"),
+            "--out", str(out), *(["--quick"] if quick else []),
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
+        return summarize_trainer_lm(json.loads(out.read_text()))
+
+
+def summarize_trainer_lm(raw: dict[str, Any]) -> dict[str, Any]:
+    """Per method: median over steps of the slowest rank's wall and CPU ms, speedups
+    against plain, and the ideal: 1 for plain and mask, 3K/(K+3M) for two-pass, and
+    3K/(2K+3M) with a reference model (its forward over the K sequences)."""
+    config, world_size = raw["config"], raw["world_size"]
+    sequences = world_size * config["batch_size"] * config["accumulation"]
+    rows = []
+    for method in raw["methods"]:
+        per_step = list(zip(*method["per_rank"], strict=True))
+        wall = statistics.median(max(wall for wall, _ in step) for step in per_step) * 1e3
+        cpu = statistics.median(max(cpu for _, cpu in step) for step in per_step) * 1e3
+        selected = math.ceil(method["keep"] * sequences - 1e-9) if method["keep"] else sequences
+        forwards = 2 * sequences if method["reference"] else sequences
+        two_pass = method["name"].startswith("two-pass")
+        ideal = 3 * sequences / (forwards + 3 * selected) if two_pass else 1.0
+        rows.append({**method, "step_ms": wall, "cpu_step_ms": cpu, "ideal": ideal})
+    plain = rows[0]
+    for row in rows:
+        row["speedup"] = plain["step_ms"] / row["step_ms"]
+        row["cpu_speedup"] = plain["cpu_step_ms"] / row["cpu_step_ms"]
+        row.pop("per_rank")
+    return {
+        "world_size": world_size,
+        "config": config,
+        "parameters": raw["parameters"],
+        "sequences_per_step": sequences,
+        "rows": rows,
+    }
+
+
+def trainer_lm_section(lm: dict[str, Any]) -> list[str]:
+    """The markdown section of the language-model rows."""
+    config, meta = lm["config"], lm["meta"]
+    rows = [
+        [
+            row["name"],
+            keep_text(row["keep"]),
+            f"{row['step_ms']:.1f}",
+            f"{lm['sequences_per_step'] / row['step_ms'] * 1e3:.0f}",
+            f"{row['speedup']:.2f}x",
+            f"{row['ideal']:.2f}x",
+            f"{row['cpu_step_ms']:.1f}",
+            f"{row['cpu_speedup']:.2f}x",
+        ]
+        for row in lm["rows"]
+    ]
+    headers = ["method", "keep", "step ms", "sequences/s", "speedup", "ideal", "CPU ms",
+               "CPU speedup"]  # fmt: skip
+    return [
+        f"## Language model under the Hugging Face Trainer, W={lm['world_size']}",
+        "",
+        f"GPT-2 built from a config: {config['layers']} layers, width {config['width']}, "
+        f"vocabulary {config['vocab']} ({lm['parameters']} parameters); sequences of "
+        f"{config['length']} random tokens, {config['batch_size']} per micro-batch, "
+        f"{config['accumulation']} micro-batches per optimizer step, so K = "
+        f"{lm['sequences_per_step']} sequences per step over the ranks. Plain `Trainer`; "
+        "mask = `ohem_loss_func` (token mask mode); two-pass = `OHEMTrainer`; "
+        "+reference = ranked by excess loss against a model of the same size, whose "
+        "forward over the K sequences is in the step. A step runs from one optimizer "
+        "step's end to the next (fetch, scoring, training, optimizer), median over "
+        f"{config['rounds']} rounds x {config['steps']} steps of the slowest rank, the "
+        "methods' order rotating each round; the ideal is 3K/(K+3M) for two-pass, "
+        "3K/(2K+3M) with the reference (B = 2F), 1 for plain and mask.",
+        "",
+        f"Run {meta['date']}, git {meta['git']}, load average at start / end "
+        f"{meta['load_start']} / {meta['load_end']}, wall time {meta['wall_s']:.0f} s.",
+        "",
+        markdown_table(headers, rows),
+    ]
+
+
+def trainer_lm_report(quick: bool) -> dict[str, Any]:
+    """The language-model rows at W = 2 with their own run metadata."""
+    started, load_start = time.perf_counter(), os.getloadavg()
+    lm = measure_trainer_lm(2, quick)
+    return {**lm, "meta": run_meta(started, load_start)}
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The markdown report: metadata, throughput, phases, skewed case."""
     meta, config = report["meta"], report["config"]
@@ -584,6 +687,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         phase_table(uniform),
     ]
+    if "trainer_lm" in report:
+        parts += ["", *trainer_lm_section(report["trainer_lm"])]
     for run in skewed:
         parts += [
             "",
@@ -609,6 +714,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="examples per rank (default 32)")
     parser.add_argument("--width", type=int, help="CNN base channels (default 32)")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--lm-only",
+        action="store_true",
+        help="run only the language-model rows and put them into the existing report",
+    )
     args = parser.parse_args(argv)
     defaults = (
         {"repeats": 5, "steps": 1, "warmup": 1, "batch_size": 8, "width": 16}
@@ -624,10 +734,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run every world size, then print and write the report."""
+    """Run every world size and the language-model rows, then print and write the report."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks
+    stem = "throughput_quick" if args.quick else "throughput"
+    if args.lm_only:
+        report = json.loads((args.output_dir / f"{stem}.json").read_text())
+        report["trainer_lm"] = trainer_lm_report(args.quick)
+        write_report(report, render_markdown(report), args.output_dir, stem)
+        return
     config = Config(args.batch_size, args.width, args.repeats, args.steps, args.warmup)
     started, load_start = time.perf_counter(), os.getloadavg()
     raw = {world_size: run_world(world_size, config, rank_main) for world_size in WORLD_SIZES}
@@ -648,7 +764,7 @@ def main(argv: list[str] | None = None) -> None:
     low = [r for r in runs if r["methods"][0]["cpu_step_ms"] < 50]  # methods[0] is plain
     if low and not args.quick:
         logger.warning("plain step < 50 ms CPU in %d run(s): raise --batch-size", len(low))
-    stem = "throughput_quick" if args.quick else "throughput"
+    report["trainer_lm"] = trainer_lm_report(args.quick)
     write_report(report, render_markdown(report), args.output_dir, stem)
 
 
