@@ -60,10 +60,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import json
 import logging
 import math
 import multiprocessing
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -105,6 +108,15 @@ COLORS = {
 KINDS = ("learnable", "easy", "noise")
 KEPT_ORDER = ("noise", "learnable", "easy")  # the order of the markdown's "kept" column
 KEEP = 0.25
+#: Where runs are compared: plain's last step (equal steps), the end of the FLOP budget
+#: (equal FLOPs), and the last evaluation within plain's training CPU seconds of the same
+#: seed (equal CPU s; conservative: evaluations are 1/eval_points of the budget apart).
+POINTS = ("equal_steps", "equal_flops", "equal_cpu")
+POINT_LABELS = {
+    "equal_steps": "equal steps",
+    "equal_flops": "equal FLOPs",
+    "equal_cpu": "equal CPU s",
+}
 
 # The corpus: BOS, then PAIRS pairs (a_i, b_i); labels at the b_i.
 VOCAB = 32
@@ -597,8 +609,17 @@ def cell_runs(runs: list[dict], noise: float, shard: str, variant: str) -> list[
     return sorted(mine, key=lambda r: r["seed"])
 
 
+def add_equal_cpu(runs: list[dict]) -> None:
+    """Write each run's ``equal_cpu`` point: its last evaluation whose training CPU seconds
+    are within plain's (same noise share and seed) at the end of the budget."""
+    plain = {(r["noise"], r["seed"]): r for r in runs if r["variant"] == "all"}
+    for run in runs:
+        limit = plain[run["noise"], run["seed"]]["equal_flops"]["train_cpu_s"]
+        run["equal_cpu"] = [p for p in run["curve"] if p["train_cpu_s"] <= limit][-1]
+
+
 def paired(a: list[dict], b: list[dict], point: str, metric: str = "learnable") -> dict[str, Any]:
-    """``a`` minus ``b`` of the same seed at ``point`` (``equal_steps`` / ``equal_flops``):
+    """``a`` minus ``b`` of the same seed at ``point`` (one of ``POINTS``):
     mean ± std over seeds, and the seeds where ``a`` is lower (better) and higher."""
     by_seed = {r["seed"]: r[point][metric] for r in b}
     differences = [r[point][metric] - by_seed[r["seed"]] for r in a if r["seed"] in by_seed]
@@ -637,12 +658,9 @@ def aggregate(config: Config, runs: list[dict]) -> list[dict]:
                                 "train_cpu_s",
                             )
                         }
-                        for point in ("equal_steps", "equal_flops")
+                        for point in POINTS
                     },
-                    "minus_plain": {
-                        point: paired(mine, plain, point)
-                        for point in ("equal_steps", "equal_flops")
-                    },
+                    "minus_plain": {point: paired(mine, plain, point) for point in POINTS},
                     "kept_share": {k: mean_std([r["kept_share"][k] for r in mine]) for k in KINDS},
                     "noise_kept_by_rank": [
                         statistics.fmean(r["noise_kept_by_rank"][i] for r in mine)
@@ -688,7 +706,7 @@ def comparisons(config: Config, runs: list[dict]) -> list[dict]:
                     "cell": cell_name(noise, shard),
                     "noise": noise,
                     "shard": shard,
-                    **{p: paired(first, second, p) for p in ("equal_steps", "equal_flops")},
+                    **{p: paired(first, second, p) for p in POINTS},
                 }
             )
     return out
@@ -746,6 +764,8 @@ def cell_table(report: dict[str, Any], cell: str) -> str:
         "Δ vs plain",
         "learnable @ equal FLOPs",
         "Δ vs plain",
+        "learnable @ equal CPU s (share of budget)",
+        "Δ vs plain",
         "easy @ equal FLOPs",
         "kept: noise / learnable / easy",
         "noise kept by rank",
@@ -765,6 +785,9 @@ def cell_table(report: dict[str, Any], cell: str) -> str:
                 "-" if plain else fmt_diff(row["minus_plain"]["equal_steps"]),
                 fmt(row["equal_flops"]["learnable"]),
                 "-" if plain else fmt_diff(row["minus_plain"]["equal_flops"]),
+                f"{fmt(row['equal_cpu']['learnable'])} "
+                f"({row['equal_cpu']['flops']['mean'] / report['flop_budget']:.2f})",
+                "-" if plain else fmt_diff(row["minus_plain"]["equal_cpu"]),
                 fmt(row["equal_flops"]["easy"]),
                 " / ".join(f"{row['kept_share'][k]['mean']:.2f}" for k in KEPT_ORDER),
                 " / ".join(f"{x:.0f}" for x in row["noise_kept_by_rank"]),
@@ -775,20 +798,114 @@ def cell_table(report: dict[str, Any], cell: str) -> str:
     return markdown_table(headers, body)
 
 
-def rule_lines(report: dict[str, Any]) -> list[str]:
-    """The rule paragraph: every comparison's verdict per cell, from the paired
-    differences at equal FLOPs (equal steps in brackets where the verdict differs)."""
+def comparison_lines(report: dict[str, Any]) -> list[str]:
+    """Every comparison's paired difference and verdict per cell, at the three points."""
     lines = []
     for label, *_ in COMPARISONS:
         found = [c for c in report["comparisons"] if c["comparison"] == label]
         parts = []
         for c in found:
-            at_flops, at_steps = verdict(c["equal_flops"]), verdict(c["equal_steps"])
-            text = f"{c['cell']}: {fmt(c['equal_flops'], '+.3f')} → {at_flops}"
-            if at_steps != at_flops:
-                text += f" (equal steps: {fmt(c['equal_steps'], '+.3f')} → {at_steps})"
-            parts.append(text)
-        lines.append(f"- **{label}** (first better if negative): " + "; ".join(parts) + ".")
+            points = ", ".join(
+                f"{POINT_LABELS[p]} {fmt(c[p], '+.3f')} {verdict(c[p])}" for p in POINTS
+            )
+            parts.append(f"{c['cell']}: {points}")
+        lines.append(f"- **{label}**: " + "; ".join(parts) + ".")
+    return lines
+
+
+WORDS = {
+    "better": "lower on every seed",
+    "worse": "higher on every seed",
+    "mixed": "no consistent sign",
+}
+
+
+def verdicts(report: dict[str, Any], label: str, point: str, shards: tuple[str, ...]) -> str:
+    """``lower on every seed in noise 0% iid (-0.15); no consistent sign in ...``: the
+    cells of one comparison grouped by verdict at ``point``."""
+    groups: dict[str, list[str]] = {key: [] for key in WORDS}
+    for c in report["comparisons"]:
+        if c["comparison"] == label and c["shard"] in shards:
+            groups[verdict(c[point])].append(f"{c['cell']} ({c[point]['mean']:+.2f})")
+    return "; ".join(f"{WORDS[k]} in {', '.join(v)}" for k, v in groups.items() if v)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The rule paragraph: what the paired differences show, in words (every verdict and
+    number is read from the report, none is written in by hand)."""
+    rows = {(r["cell"], r["variant"]): r for r in report["rows"]}
+    config = report["config"]
+    per_rank = config["batch"] // config["world_size"]
+    noisy = [q for q, s in report["cells"] if q > 0 and s == "iid"]
+
+    def kept_noise(variant: str, noise: float, shard: str = "iid") -> str:
+        share = rows[cell_name(noise, shard), variant]["kept_share"]["noise"]["mean"]
+        return f"{100 * share:.0f}%"
+
+    def steps(variant: str) -> int:
+        return rows[cell_name(*report["cells"][0]), variant]["steps"]
+
+    cpu = {
+        v: statistics.fmean(
+            r["equal_flops"]["train_cpu_s"]["mean"] for r in report["rows"] if r["variant"] == v
+        )
+        for v in VARIANTS
+    }
+    iid, skewed = ("iid",), ("skewed",)
+    flops = "equal_flops"
+    lines = [
+        "Held-out learnable loss, paired by seed (a - b < 0: a is better), 'lower/higher on "
+        "every seed' or 'no consistent sign' over the seeds; equal FLOPs unless said.",
+        "",
+        "- **Top-loss vs plain.** top-loss global - plain: "
+        f"{verdicts(report, 'top-loss global - plain', flops, iid)}; at equal steps: "
+        f"{verdicts(report, 'top-loss global - plain', 'equal_steps', iid)}. Noise is "
+        + " / ".join(kept_noise("global", q) for q in noisy)
+        + " of what top-loss global trains on at "
+        + " / ".join(f"{100 * q:.0f}%" for q in noisy)
+        + " noise in the batch.",
+        "- **Excess loss.** excess-loss global - top-loss global: "
+        f"{verdicts(report, 'excess-loss global - top-loss global', flops, iid)}; "
+        "excess-loss global - plain: "
+        f"{verdicts(report, 'excess-loss global - plain', flops, iid)}. Noise is "
+        + " / ".join(kept_noise("excess_global", q) for q in noisy)
+        + " of what it trains on. Its two scoring forwards leave it "
+        f"{steps('excess_global')} steps of the budget against top-loss's "
+        f"{steps('global')}; at equal steps excess-loss global - top-loss global: "
+        f"{verdicts(report, 'excess-loss global - top-loss global', 'equal_steps', iid)}.",
+        "- **Global vs per rank.** top-loss global - per rank: "
+        f"iid: {verdicts(report, 'top-loss global - top-loss per rank', flops, iid)}; "
+        f"skewed: {verdicts(report, 'top-loss global - top-loss per rank', flops, skewed)}. "
+        "excess-loss global - per rank: iid: "
+        f"{verdicts(report, 'excess-loss global - excess-loss per rank', flops, iid)}; "
+        "skewed: "
+        f"{verdicts(report, 'excess-loss global - excess-loss per rank', flops, skewed)}. "
+        f"Skewed, rank 0 holds "
+        + " / ".join(f"{min(per_rank, round(q * config['batch']))}" for q in noisy)
+        + f" noise sequences of its {per_rank} and per-rank selection takes "
+        f"{per_rank // 4} of every rank: noise is "
+        + " / ".join(kept_noise("local", q, "skewed") for q in noisy)
+        + " of what top-loss per rank trains on (global: "
+        + " / ".join(kept_noise("global", q) for q in noisy)
+        + "), "
+        + " / ".join(kept_noise("excess_local", q, "skewed") for q in noisy)
+        + " of excess-loss per rank's (global: "
+        + " / ".join(kept_noise("excess_global", q) for q in noisy)
+        + ").",
+        "- **Which compute.** random 1/4 - plain: "
+        f"{verdicts(report, 'random 1/4 - plain', flops, iid)}; at equal steps: "
+        f"{verdicts(report, 'random 1/4 - plain', 'equal_steps', iid)}; at equal CPU s: "
+        f"{verdicts(report, 'random 1/4 - plain', 'equal_cpu', iid)}. A random quarter takes "
+        f"{steps('random')} steps in plain's {steps('all')} steps' FLOPs; its budget costs "
+        f"{cpu['random'] / cpu['all']:.2f}x plain's CPU seconds (top-loss "
+        f"{cpu['global'] / cpu['all']:.2f}x, excess-loss {cpu['excess_global'] / cpu['all']:.2f}x"
+        "). Against random 1/4: top-loss global "
+        f"{verdicts(report, 'top-loss global - random 1/4', flops, iid)}; excess-loss global "
+        f"{verdicts(report, 'excess-loss global - random 1/4', flops, iid)}; at equal CPU s, "
+        f"top-loss global {verdicts(report, 'top-loss global - random 1/4', 'equal_cpu', iid)}"
+        "; excess-loss global "
+        f"{verdicts(report, 'excess-loss global - random 1/4', 'equal_cpu', iid)}.",
+    ]
     return lines
 
 
@@ -810,6 +927,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- machine: {meta['machine']}; load average (1 min) {meta['load_start'][0]} at start, "
         f"{min(loads):.2f}-{max(loads):.2f} during, {meta['load_end'][0]} at end; wall time "
         f"of the study {meta['wall_s'] / 60:.1f} min",
+        *(
+            [
+                f"- tables, markdown and plot rebuilt from the JSON's runs (nothing retrained) "
+                f"by `{meta['report_command']}` on {meta['report_date']}"
+            ]
+            if "report_command" in meta
+            else []
+        ),
         f"- model: tiny GPT (nanoGPT-style, in the script), {config['layers']} layers, width "
         f"{config['width']}, {config['heads']} heads, vocab {VOCAB}, sequence length {SEQ_LEN}, "
         f"{report['params']:,} parameters; AdamW, constant lr {config['lr']}, the same for "
@@ -844,14 +969,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Rule",
         "",
-        "Paired differences of the held-out learnable loss at equal FLOPs (mean ± std over "
-        "seeds); *better*/*worse*: lower/higher on every seed, *mixed*: otherwise.",
+        *summary_lines(report),
         "",
-        *rule_lines(report),
+        "## All comparisons",
+        "",
+        "a - b of the same seed, mean ± std over seeds, at equal steps, equal FLOPs and equal "
+        "CPU s; better/worse: lower/higher on every seed, mixed: otherwise (the sign test at "
+        "5 seeds: p = 2/32 = 0.06).",
+        "",
+        *comparison_lines(report),
         "",
     ]
-    if report.get("summary"):
-        parts += [report["summary"], ""]
     parts += [
         "## Held-out learnable loss at equal FLOPs (Δ vs plain, same seed)",
         "",
@@ -866,10 +994,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
         ]
     parts += [
-        "Columns: held-out learnable loss at equal steps and at equal FLOPs; easy held-out "
-        "loss; the kinds' shares of the selected sequences; the mean noise sequences each "
-        "rank had selected over the run; training seconds to the budget (wall, and CPU of "
-        "the worker process; data generation and evaluation excluded).",
+        "Columns: held-out learnable loss at equal steps, at equal FLOPs and at equal CPU s "
+        "(the last evaluation within plain's training CPU seconds of the same seed, with the "
+        "share of the FLOP budget it had spent; evaluations are 1/"
+        f"{config['eval_points']} of the budget apart, so this point is conservative); easy "
+        "held-out loss; the kinds' shares of the selected sequences; noise sequences each "
+        "rank had selected over the whole run (mean over seeds); training seconds to the "
+        "budget (wall, and CPU of the worker process; data generation and evaluation "
+        "excluded).",
         "",
     ]
     return "\n".join(parts)
@@ -880,7 +1012,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """Held-out learnable loss against training FLOPs, a panel per cell, a colour per
-    variant (mean over seeds, ± std band); the hollow marker is the equal-steps point."""
+    variant (mean over seeds, min-max band); the hollow marker is the equal-steps point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -897,15 +1029,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax = axes[index // columns][index % columns]
         for variant, label in VARIANTS.items():
             runs = cell_runs(report["runs"], noise, shard, variant)
-            points = list(zip(*(r["curve"] for r in runs), strict=True))
+            # The evaluations after step 0 (the untrained model's loss is off the scale).
+            points = list(zip(*(r["curve"][1:] for r in runs), strict=True))
             x = [p[0]["flops"] / 1e9 for p in points]
             mean = [statistics.fmean(q["learnable"] for q in p) for p in points]
-            std = [statistics.stdev(q["learnable"] for q in p) if len(p) > 1 else 0 for p in points]
             style = "--" if variant in PER_RANK else "-"
             color = COLORS[variant]
             ax.plot(x, mean, style, marker=".", color=color, label=label)
-            low = [m - s for m, s in zip(mean, std, strict=True)]
-            high = [m + s for m, s in zip(mean, std, strict=True)]
+            low = [min(q["learnable"] for q in p) for p in points]
+            high = [max(q["learnable"] for q in p) for p in points]
             ax.fill_between(x, low, high, color=color, alpha=0.12)
             at = [i for i, p in enumerate(points) if p[0]["step"] == steps]
             if at:
@@ -913,7 +1045,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.axhline(math.log(MODULUS), color="gray", linewidth=0.8, linestyle=":")
         ax.set_yscale("log")
         ax.set_title(cell_name(noise, shard))
-        ax.set_xlabel("training GFLOPs (scoring and reference forwards included)")
+        ax.set_xlabel("training GFLOPs (scoring, reference forwards incl.)")
         ax.set_ylabel("held-out learnable loss (nats)")
         ax.grid(alpha=0.3)
     for index in range(len(cells), rows * columns):
@@ -922,8 +1054,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     spare = axes[-1][-1] if len(cells) < rows * columns else axes[0][0]
     spare.legend(handles, labels, fontsize=8, loc="center" if spare is not axes[0][0] else "best")
     figure.suptitle(
-        f"Held-out learnable loss vs compute (mean ± std over {len(report['seeds'])} seeds; "
-        f"o: equal steps = step {steps}; dotted: ln {MODULUS})"
+        f"Held-out learnable loss vs compute (mean over {len(report['seeds'])} seeds, band: "
+        f"min-max over seeds; o: equal steps = step {steps}; dotted: ln {MODULUS})"
     )
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -948,6 +1080,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--replot", action="store_true", help="redraw the PNG from the JSON in --output-dir"
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the tables, markdown and PNG from the runs in --output-dir's JSON, "
+        "training nothing",
+    )
     args = parser.parse_args(argv)
     config = QUICK if args.quick else Config()
     if args.seeds is not None:
@@ -968,22 +1106,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     stem = "lm_selection_quick" if args.quick else "lm_selection"
     if args.replot:
-        import json
-
         report = json.loads((args.output_dir / f"{stem}.json").read_text())
         plot(report, args.output_dir / f"{stem}.png")
         return report
-    config = args.config
-    torch.set_num_threads(1)
-    started, load_start = time.perf_counter(), os.getloadavg()
-    references, runs, loads = run_study(config, args.workers)
+    if args.report_only:
+        report = json.loads((args.output_dir / f"{stem}.json").read_text())
+        config = Config(**{f.name: report["config"][f.name] for f in dataclasses.fields(Config)})
+        config = dataclasses.replace(config, noise=tuple(config.noise))
+        report["meta"]["report_command"] = shlex.join(["python", *sys.argv])
+        report["meta"]["report_date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        )
+        references, runs = report["references"], report["runs"]
+        meta = report["meta"]
+    else:
+        config = args.config
+        torch.set_num_threads(1)
+        started, load_start = time.perf_counter(), os.getloadavg()
+        references, runs, loads = run_study(config, args.workers)
+        meta = {
+            **run_meta(started, load_start, ("dist_ohem/selection.py", "bench/lm_selection.py")),
+            "machine": args.machine,
+            "workers": args.workers,
+            "load_samples": loads,
+        }
+    add_equal_cpu(runs)
     params = num_params(make_model(0))
-    meta = {
-        **run_meta(started, load_start, ("dist_ohem/selection.py", "bench/lm_selection.py")),
-        "machine": args.machine,
-        "workers": args.workers,
-        "load_samples": loads,
-    }
     report = {
         "meta": meta,
         "config": {**asdict(config), **asdict(GPTConfig())},

@@ -69,12 +69,23 @@ def test_quick_study_writes_a_complete_report(tmp_path: Path) -> None:
     markdown = (tmp_path / "lm_selection_quick.md").read_text()
     assert markdown.startswith("# Which selection helps a language model")
     assert "## Rule" in markdown and "**top-loss global - plain**" in markdown
+    assert "- **Top-loss vs plain.** top-loss global - plain: " in markdown
+    assert "learnable @ equal CPU s" in markdown
     for noise, shard in cells:
         assert f"## {lm.cell_name(noise, shard)}\n" in markdown
     assert "| variant | noise 0% iid | noise 30% iid | noise 30% skewed |" in markdown
     assert "| top-loss per rank |" in markdown and "| excess-loss global ¹ |" in markdown
     assert not re.search(r"\b(nan|inf)\b", markdown, re.IGNORECASE)
     assert (tmp_path / "lm_selection_quick.png").stat().st_size > 10_000
+
+    # --report-only rebuilds the same tables from the JSON's runs, training nothing.
+    (tmp_path / "lm_selection_quick.png").unlink()
+    lm.main(["--quick", "--report-only", "--output-dir", str(tmp_path)])
+    rebuilt = (tmp_path / "lm_selection_quick.md").read_text()
+    assert "rebuilt from the JSON's runs" in rebuilt
+    assert rebuilt.split("## Rule")[1] == markdown.split("## Rule")[1]
+    assert json.loads((tmp_path / "lm_selection_quick.json").read_text())["runs"] == report["runs"]
+    assert (tmp_path / "lm_selection_quick.png").exists()
 
 
 def test_step_flops_count_scoring_and_reference_forwards() -> None:
