@@ -588,9 +588,8 @@ def summarize_trainer_lm(raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def trainer_lm_section(lm: dict[str, Any]) -> list[str]:
-    """The markdown section of the language-model rows."""
-    config, meta = lm["config"], lm["meta"]
+def trainer_lm_table(lm: dict[str, Any]) -> str:
+    """The language-model rows as a markdown table (also rendered by the docs' hook)."""
     rows = [
         [
             row["name"],
@@ -606,6 +605,12 @@ def trainer_lm_section(lm: dict[str, Any]) -> list[str]:
     ]
     headers = ["method", "keep", "step ms", "sequences/s", "speedup", "ideal", "CPU ms",
                "CPU speedup"]  # fmt: skip
+    return markdown_table(headers, rows)
+
+
+def trainer_lm_section(lm: dict[str, Any]) -> list[str]:
+    """The markdown section of the language-model rows."""
+    config, meta = lm["config"], lm["meta"]
     return [
         f"## Language model under the Hugging Face Trainer, W={lm['world_size']}",
         "",
@@ -625,7 +630,7 @@ def trainer_lm_section(lm: dict[str, Any]) -> list[str]:
         f"Run {meta['date']}, git {meta['git']}, load average at start / end "
         f"{meta['load_start']} / {meta['load_end']}, wall time {meta['wall_s']:.0f} s.",
         "",
-        markdown_table(headers, rows),
+        trainer_lm_table(lm),
     ]
 
 

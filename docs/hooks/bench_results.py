@@ -20,12 +20,14 @@ with ``![...](results/NAME.png)``: the figure shown is the one the benchmark wro
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
@@ -838,11 +840,48 @@ def _sign_test(ahead: int, behind: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
+# --- language models (lm_selection.json, throughput.json's trainer_lm) -------------------
+
+
+def _bench(module: str) -> ModuleType:
+    """``bench.<module>``, whose own renderer makes the table the benchmark printed."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return importlib.import_module(f"bench.{module}")
+
+
+def lm_selection() -> str:
+    """Held-out learnable loss at equal FLOPs per variant and cell, with Δ vs plain."""
+    return _bench("lm_selection").main_table(load("lm_selection.json"))
+
+
+def lm_throughput() -> str:
+    """The tiny GPT-2 under the HF Trainer: plain, mask mode, two-pass, with a reference."""
+    return _bench("throughput").trainer_lm_table(load("throughput.json")["trainer_lm"])
+
+
+def _lm_row(cell: str, variant: str) -> dict:
+    rows = load("lm_selection.json")["rows"]
+    return next(r for r in rows if r["cell"] == cell and r["variant"] == variant)
+
+
+def _lm_noise_kept(cell: str, variant: str) -> str:
+    return _pct(_lm_row(cell, variant)["kept_share"]["noise"]["mean"])
+
+
+def _lm_speedup(name: str, keep: float | None) -> str:
+    rows = load("throughput.json")["trainer_lm"]["rows"]
+    row = next(r for r in rows if r["name"] == name and r["keep"] == keep)
+    return f"{row['speedup']:.2f}\u00d7"
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "micro-batch-memory": micro_batch_memory,
     "budget-more-seeds-digits": lambda: budget_more_seeds("digits"),
     "budget-more-seeds-detection": lambda: budget_more_seeds("detection"),
     "throughput": throughput,
+    "lm-selection": lm_selection,
+    "lm-throughput": lm_throughput,
     "throughput-short": lambda: throughput(((1, "1/4"), (2, "1/4"), (2, "1/8")), memory=False),
     "selection": selection,
     "quality-final": quality_final,
@@ -869,6 +908,15 @@ _SKEW = ("roi_skewed.json", 2)
 
 #: Numbers quoted in prose, by name, as the docs write them (see the module's docstring).
 NUMBERS: dict[str, Callable[[], str]] = {
+    # language models
+    "lm.date": lambda: _date("lm_selection.json"),
+    "lm.seeds": lambda: str(len(load("lm_selection.json")["seeds"])),
+    "lm.noise_kept.top_loss_30": lambda: _lm_noise_kept("noise 30% iid", "global"),
+    "lm.noise_kept.top_loss_10": lambda: _lm_noise_kept("noise 10% iid", "global"),
+    "lm.throughput.date": lambda: load("throughput.json")["trainer_lm"]["meta"]["date"][:10],
+    "lm.throughput.two_pass_1_4": lambda: _lm_speedup("two-pass", 0.25),
+    "lm.throughput.two_pass_1_8": lambda: _lm_speedup("two-pass", 0.125),
+    "lm.throughput.reference": lambda: _lm_speedup("two-pass+reference", 0.25),
     # dates and software of each run
     "throughput.date": lambda: _date("throughput.json"),
     "throughput.time": lambda: _time("throughput.json"),
