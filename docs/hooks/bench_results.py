@@ -860,6 +860,12 @@ def lm_throughput() -> str:
     return _bench("throughput").trainer_lm_table(load("throughput.json")["trainer_lm"])
 
 
+def _throughput_wall_s() -> float:
+    """The whole ``bench/throughput.py`` run: the CNN rows and the language-model rows."""
+    report = load("throughput.json")
+    return report["meta"]["wall_s"] + report.get("trainer_lm", {}).get("meta", {}).get("wall_s", 0)
+
+
 def _lm_row(cell: str, variant: str) -> dict:
     rows = load("lm_selection.json")["rows"]
     return next(r for r in rows if r["cell"] == cell and r["variant"] == variant)
@@ -923,7 +929,7 @@ NUMBERS: dict[str, Callable[[], str]] = {
     "throughput.torch": lambda: load("throughput.json")["meta"]["torch"],
     "throughput.load_start": lambda: f"{load('throughput.json')['meta']['load_start'][0]:.1f}",
     "throughput.load_end": lambda: f"{load('throughput.json')['meta']['load_end'][0]:.1f}",
-    "throughput.minutes": lambda: f"{load('throughput.json')['meta']['wall_s'] / 60:.0f} minutes",
+    "throughput.minutes": lambda: f"{_throughput_wall_s() / 60:.0f} minutes",
     "throughput.repeats": lambda: str(load("throughput.json")["config"]["repeats"]),
     "throughput.backward_over_forward": lambda: (
         f"{load('throughput.json')['runs'][0]['backward_over_forward']:.1f}\u00d7"
