@@ -101,6 +101,12 @@ def test_two_pass_cases_cover_the_edges(two_pass_results):
     assert uneven["rows_per_rank"][0] != uneven["rows_per_rank"][1]
 
 
+def test_a_failing_score_fn_on_one_rank_fails_every_rank(two_pass_results):
+    messages = [m for (m,) in record(two_pass_results, "ddp/failing-score-fn")["messages"]]
+    assert messages[0] == messages[1]
+    assert "rank 1" in messages[0] and "this score_fn fails on rank 1" in messages[0]
+
+
 VOCAB = 11
 
 
@@ -333,3 +339,24 @@ def test_reference_model_is_frozen_and_placed_like_the_training_model():
     assert all(
         not p.requires_grad and p.dtype == torch.float64 for p in reference.module.parameters()
     )
+
+
+def test_score_fn_ranks_the_sequences(tmp_path):
+    """score_fn = minus the loss: the easiest quarter, by hand, is what gets trained."""
+    model = tiny_model(0)
+    data = FixedRows(8, seed=4)
+    trainer = OHEMTrainer(
+        model=model,
+        args=trainer_args(tmp_path, per_device_train_batch_size=8),
+        train_dataset=data,
+        score_fn=lambda losses, batch: -losses,
+        keep=0.25,
+    )
+    batch = {"input_ids": data.input_ids, "labels": data.input_ids}
+    with torch.no_grad():
+        easiest = hardest_mask(
+            -hand_sequence_loss(model, batch), torch.ones(8, dtype=torch.bool), {"keep": 0.25}
+        )
+    slots, _ = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+    assert torch.equal(trainer.last_selection.mask, easiest)
+    assert torch.equal(slots[0]["input_ids"], data.input_ids[easiest])

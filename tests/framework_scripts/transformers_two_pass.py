@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 from transformers.distributed import DistributedConfig
 
+from dist_ohem import DistributedInputError
 from dist_ohem.integrations.transformers import OHEMTrainer
 from tests.framework_scripts.parity_cases import (
     LR,
@@ -275,6 +276,42 @@ def train(config: Config, engine: str, output_dir: str, shared_dir: str) -> Trai
     return Trained(trainer, train_batches, collator.batches)
 
 
+def failing_score_fn(output_dir: str) -> dict:
+    """DDP, rank 1's ``score_fn`` raises: every rank must raise the same error, naming
+    rank 1, instead of rank 0 waiting in the selection."""
+
+    def score_fn(losses: torch.Tensor, batch: dict) -> torch.Tensor:
+        if dist.get_rank() == 1:
+            raise ValueError("this score_fn fails on rank 1")
+        return losses
+
+    args = TrainingArguments(
+        output_dir=output_dir,
+        ddp_backend="gloo",
+        ddp_find_unused_parameters=False,
+        per_device_train_batch_size=BATCH_PER_RANK,
+        max_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        **engine_arguments("ddp"),
+    )
+    trainer = OHEMTrainer(
+        model=make_model(),
+        args=args,
+        train_dataset=Sequences(BATCH_PER_RANK * 2, seed=0),
+        data_collator=RecordingCollator(),
+        score_fn=score_fn,
+        keep=0.5,
+    )
+    try:
+        trainer.train()
+        message = "no error"
+    except DistributedInputError as exc:
+        message = str(exc)
+    return {"world_size": dist.get_world_size(), "messages": gathered([message])}
+
+
 def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``(B, T-1)`` next-token losses of ``batch``, 0 where the label is ignored."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -421,6 +458,8 @@ def main() -> None:
                 "eval_loss": [entry["eval_loss"] for entry in history if "eval_loss" in entry],
                 "reference_eval_loss": [] if eval_loss is None else [eval_loss],
             }
+        if "ddp" in options.engine:
+            results["ddp/failing-score-fn"] = failing_score_fn(output_dir)
     write_results(options.out, results)
     dist.barrier()
     dist.destroy_process_group()
