@@ -25,6 +25,8 @@ from launch.tasks import make_task
 from tests.launching import REPO
 from tests.training import (
     LONG,
+    LONG_EVERY,
+    LONG_STEPS,
     SMALL,
     TIMEOUT_S,
     ZERO1,
@@ -38,7 +40,7 @@ from tests.training import (
 
 
 def test_torchrun_two_pass(reference_runs: dict[str, Path]) -> None:
-    records = check_run(reference_runs["torchrun"], "torchrun", steps=120, every=40)
+    records = check_run(reference_runs["torchrun"], "torchrun", LONG_STEPS, LONG_EVERY)
     assert {r["scope"] for r in records} == {"random"}
     assert all(sum(r["trained_per_rank"]) == r["num_selected_global"] for r in records)
 
@@ -53,7 +55,7 @@ def test_torchrun_mask_mode(tmp_path: Path) -> None:
 
 
 def test_deepspeed_launcher_zero1(reference_runs: dict[str, Path]) -> None:
-    records = check_run(reference_runs["deepspeed"], "deepspeed", steps=120, every=40)
+    records = check_run(reference_runs["deepspeed"], "deepspeed", LONG_STEPS, LONG_EVERY)
     summary = json.loads((reference_runs["deepspeed"] / "summary.json").read_text())
     assert summary["engine"] == "deepspeed"
     assert summary["config"]["deepspeed_config"] == "configs/deepspeed/zero1.json"
@@ -116,7 +118,7 @@ def test_ctrl_c_stops_after_a_finished_step_and_resume_repeats_it(
         launch.proc.send_signal(signal.SIGINT)
         output = finish(launch, expect_ok=False)  # torchrun exits 1 on a signal
     stopped, _ = read_run(run_dir)
-    assert len(stopped) < 120, "the run finished before the signal arrived"
+    assert len(stopped) < LONG_STEPS, "the run finished before the signal arrived"
     assert f"stopped by a signal after step {len(stopped)}" in output
     train("torchrun", run_dir, *LONG, "resume=auto")
     resumed, _ = read_run(run_dir)
@@ -127,15 +129,15 @@ def test_ctrl_c_stops_after_a_finished_step_and_resume_repeats_it(
 def test_deepspeed_resume_drops_unsaved_steps_and_repeats_them(
     tmp_path: Path, reference_runs: dict[str, Path]
 ) -> None:
-    """Stop after step 100 (checkpoints at 40, 80, 100); a later line was logged but never
+    """Stop after step 50 (checkpoints at 20, 40, 50); a later line was logged but never
     checkpointed (as in a crash); resume=true replaces it and repeats the uninterrupted
     run. Only the newest two checkpoints are kept."""
     run_dir = tmp_path / "full"
-    train("deepspeed", run_dir, *ZERO1, *LONG, "stop_at=100")
+    train("deepspeed", run_dir, *ZERO1, *LONG, "stop_at=50")
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert kept == ["step_00000080", "step_00000080.pt", "step_00000100", "step_00000100.pt"]
+    assert kept == ["step_00000040", "step_00000040.pt", "step_00000050", "step_00000050.pt"]
     with (run_dir / "metrics.jsonl").open("a") as file:
-        file.write(json.dumps({"kind": "train", "step": 101, "loss": -1.0}) + "\n")
+        file.write(json.dumps({"kind": "train", "step": 51, "loss": -1.0}) + "\n")
     train("deepspeed", run_dir, *ZERO1, *LONG, "resume=true")
     resumed, _ = read_run(run_dir)
     uninterrupted, _ = read_run(reference_runs["deepspeed"])

@@ -25,7 +25,9 @@ from tests.launching import BIN, REPO, child_env, kill_tree, launcher_command
 SMALL = ["batch_size=64", "log_every=1", "max_steps=8", "eval_every=3", "checkpoint_every=3"]
 #: The reference runs that resumed runs must repeat: long enough to interrupt by a signal.
 #: scope=random makes the selector's call counter part of the state; balance moves data.
-LONG = ["batch_size=64", "max_steps=120", "eval_every=40", "checkpoint_every=40"]
+LONG_STEPS, LONG_EVERY = 60, 20
+LONG = ["batch_size=64", f"max_steps={LONG_STEPS}"]
+LONG += [f"eval_every={LONG_EVERY}", f"checkpoint_every={LONG_EVERY}"]
 LONG += ["scope=random", "balance=true", "plot=false"]
 ZERO1 = ["--config", "configs/deepspeed.yaml", "--deepspeed_config", "configs/deepspeed/zero1.json"]
 ENGINE_ARGS = {"torchrun": [], "deepspeed": ZERO1}
