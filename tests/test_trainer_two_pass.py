@@ -215,6 +215,12 @@ def test_selector_keywords_and_bad_combinations_are_clear(tmp_path):
         )
     with pytest.raises(ValueError, match="computes its own loss"):
         OHEMTrainer(model=tiny_model(), args=args, compute_loss_func=lambda *a, **k: 0, keep=0.5)
+    with pytest.raises(ValueError, match="label_smoothing_factor=0"):
+        OHEMTrainer(
+            model=tiny_model(),
+            args=trainer_args(tmp_path, label_smoothing_factor=0.1),
+            keep=0.5,
+        )
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         OHEMTrainer(model=tiny_model(), args=args, reference_model="gpt2", keep=0.5)
 

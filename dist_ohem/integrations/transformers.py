@@ -437,6 +437,12 @@ class OHEMTrainer(Trainer):
         self.selector = HardExampleSelector(**selector_kwargs)
         super().__init__(*args, **kwargs)
         _check_one_process_per_device(self.args)
+        if self.args.label_smoothing_factor:
+            raise ValueError(
+                f"label_smoothing_factor is {self.args.label_smoothing_factor}: OHEMTrainer "
+                "trains on the plain token cross-entropy of the selected sequences; set "
+                "label_smoothing_factor=0"
+            )
         # Training computes its own loss: the Trainer need not count the step's tokens.
         self.model_accepts_loss_kwargs = False
         self.reference = None if reference_model is None else ReferenceModel(reference_model)
@@ -543,7 +549,7 @@ class OHEMTrainer(Trainer):
         rank. Reads the mask and the per-rank counts."""
         selection = self.last_selection
         chosen = selection.mask.nonzero().squeeze(1)
-        chunk_size = self.args.per_device_train_batch_size
+        chunk_size = self._train_batch_size  # the Trainer's, after auto_find_batch_size
         num_chunks = chunks_for(list(selection.selected_per_rank), chunk_size)
         selected_targets = comm.all_reduce_sum(targets[chosen].sum(), self.selector.group)
         world_size = comm.get_world_size(self.selector.group)
