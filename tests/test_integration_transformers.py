@@ -264,15 +264,12 @@ def test_excess_loss_selects_by_training_minus_reference_token_loss(tmp_path):
     training loss minus the reference model's loss, computed by hand, which differ from
     the top by training loss on this data."""
     from torch.utils.data import TensorDataset
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer
+    from transformers import GPT2LMHeadModel, Trainer
+
+    from tests.framework_scripts.hf_parity import tiny_gpt2
 
     def model(seed: int) -> GPT2LMHeadModel:
-        torch.manual_seed(seed)
-        config = GPT2Config(
-            vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0,
-            eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        )  # fmt: skip
-        return GPT2LMHeadModel(config)
+        return tiny_gpt2(11, seed, n_positions=8, n_embd=8)
 
     ids = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(5))
 

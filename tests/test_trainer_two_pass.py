@@ -25,7 +25,7 @@ from tests.framework_scripts.launch_checks import TOLERANCE, launch_script, reco
 pytest.importorskip("transformers")
 
 from torch.utils.data import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+from transformers import GPT2LMHeadModel, TrainingArguments
 
 from dist_ohem import DistributedInputError
 from dist_ohem.integrations.lm import (
@@ -35,6 +35,7 @@ from dist_ohem.integrations.lm import (
     token_losses,
 )
 from dist_ohem.integrations.transformers import OHEMTrainer, SkippedMicroBatch
+from tests.framework_scripts.hf_parity import tiny_gpt2
 from tests.framework_scripts.parity_cases import hardest_mask
 
 #: Every run of transformers_two_pass.py: engine/config -> micro-batches per rank.
@@ -111,20 +112,7 @@ VOCAB = 11
 
 
 def tiny_model(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=12,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(VOCAB, seed, n_positions=12, n_embd=8)
 
 
 class FixedRows(Dataset):

@@ -31,9 +31,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import GPT2LMHeadModel, Trainer
 
 from dist_ohem.integrations.transformers import TrainerOHEMLoss, ohem_loss_func
+from tests.framework_scripts.hf_parity import sgd_epoch_args, tiny_gpt2
 from tests.framework_scripts.parity_cases import (
     LR,
     checked_world_size,
@@ -109,18 +110,7 @@ class TokenDataset(Dataset):
 
 def make_model(seed: int = 0) -> GPT2LMHeadModel:
     """A 1-layer GPT-2 without dropout, identical on every rank and in the reference."""
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=16,
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(VOCAB, seed)
 
 
 class BareOHEMLoss(TrainerOHEMLoss):
@@ -151,26 +141,12 @@ class RecordingTrainer(Trainer):
 
 def train(config: Config, output_dir: str) -> tuple[RecordingTrainer, TrainerOHEMLoss]:
     """One epoch of the Trainer over ``config.rows`` rows (then one evaluation if asked)."""
-    args = TrainingArguments(
-        output_dir=output_dir,
+    args = sgd_epoch_args(
+        output_dir,
+        BATCH_PER_RANK,
+        config.accumulation,
         use_cpu=True,
-        ddp_backend="gloo",
-        per_device_train_batch_size=BATCH_PER_RANK,
-        per_device_eval_batch_size=BATCH_PER_RANK,
-        gradient_accumulation_steps=config.accumulation,
         average_tokens_across_devices=config.average_tokens,
-        num_train_epochs=1,
-        optim="sgd",
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        train_sampling_strategy="sequential",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        seed=0,
     )
     loss_func = (
         BareOHEMLoss(args, True, IGNORE, dict(config.rule))

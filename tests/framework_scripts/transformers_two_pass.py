@@ -34,11 +34,12 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils.data import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+from transformers import GPT2LMHeadModel
 from transformers.distributed import DistributedConfig
 
 from dist_ohem import DistributedInputError
 from dist_ohem.integrations.transformers import OHEMTrainer
+from tests.framework_scripts.hf_parity import sgd_epoch_args, tiny_gpt2
 from tests.framework_scripts.parity_cases import (
     LR,
     checked_world_size,
@@ -143,24 +144,9 @@ class RecordingCollator:
 
 def make_model(seed: int = 0) -> GPT2LMHeadModel:
     """A 1-layer GPT-2 without dropout or tied embeddings, identical on every rank and in
-    the reference."""
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=16,
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        # The Trainer unties a model sharded at load time (lm_head gets its own copy):
-        # untied everywhere, every engine trains the same parameters.
-        tie_word_embeddings=False,
-    )
-    return GPT2LMHeadModel(config)
+    the reference. The Trainer unties a model sharded at load time (lm_head gets its own
+    copy): untied everywhere, every engine trains the same parameters."""
+    return tiny_gpt2(VOCAB, seed, tie_word_embeddings=False)
 
 
 def engine_arguments(engine: str) -> dict:
@@ -236,25 +222,11 @@ def train(config: Config, engine: str, output_dir: str, shared_dir: str) -> Trai
     if engine_options.pop("use_configured_state", False):
         accelerator_config["use_configured_state"] = True
     engine_options["accelerator_config"] = accelerator_config or None
-    args = TrainingArguments(
-        output_dir=output_dir,
-        ddp_backend="gloo",
+    args = sgd_epoch_args(
+        output_dir,
+        BATCH_PER_RANK,
+        config.accumulation,
         ddp_find_unused_parameters=False,
-        per_device_train_batch_size=BATCH_PER_RANK,
-        per_device_eval_batch_size=BATCH_PER_RANK,
-        gradient_accumulation_steps=config.accumulation,
-        num_train_epochs=1,
-        optim="sgd",
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        train_sampling_strategy="sequential",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        seed=0,
         **engine_options,
     )
     collator = RecordingCollator()
@@ -285,15 +257,12 @@ def failing_score_fn(output_dir: str) -> dict:
             raise ValueError("this score_fn fails on rank 1")
         return losses
 
-    args = TrainingArguments(
-        output_dir=output_dir,
-        ddp_backend="gloo",
-        ddp_find_unused_parameters=False,
-        per_device_train_batch_size=BATCH_PER_RANK,
+    args = sgd_epoch_args(
+        output_dir,
+        BATCH_PER_RANK,
+        1,
         max_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
+        ddp_find_unused_parameters=False,
         **engine_arguments("ddp"),
     )
     trainer = OHEMTrainer(
