@@ -8,7 +8,7 @@ import torch
 from hypothesis import settings
 
 from tests.distributed import RankPools
-from tests.training import ENGINE_ARGS, LONG, train
+from tests.training import ENGINE_ARGS, LONG, SMALL, train
 
 torch.set_num_threads(1)
 # Hypothesis profiles, chosen by HYPOTHESIS_PROFILE (default "ci"):
@@ -27,6 +27,13 @@ def ranks():
     pools = RankPools()
     yield pools
     pools.close()
+
+
+@pytest.fixture(scope="session")
+def mask_mode_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A SMALL run of configs/mask.yaml under torchrun: its directory and its output."""
+    run_dir = tmp_path_factory.mktemp("mask") / "run"
+    return run_dir, train("torchrun", run_dir, "--config", "configs/mask.yaml", *SMALL)
 
 
 @pytest.fixture(scope="session")

@@ -45,9 +45,8 @@ def test_torchrun_two_pass(reference_runs: dict[str, Path]) -> None:
     assert all(sum(r["trained_per_rank"]) == r["num_selected_global"] for r in records)
 
 
-def test_torchrun_mask_mode(tmp_path: Path) -> None:
-    train("torchrun", tmp_path / "mask", "--config", "configs/mask.yaml", *SMALL)
-    records = check_run(tmp_path / "mask", "torchrun")
+def test_torchrun_mask_mode(mask_mode_run: tuple[Path, str]) -> None:
+    records = check_run(mask_mode_run[0], "torchrun")
     assert all(
         set(r["phase_s"]) == {"forward", "selection", "backward", "optimizer"} for r in records
     )
