@@ -119,8 +119,8 @@ class TrainerOHEMLoss:
     micro-batch.
 
     Attributes:
-        criterion: the :class:`dist_ohem.OHEMLoss` doing the selection (per-token
-            cross-entropy with ``ignore_index``).
+        criterion: the :class:`dist_ohem.OHEMLoss` doing the selection on the per-token
+            cross-entropy (computed once per call; ``ignore_index`` labels invalid).
         trainer: the Trainer given to :meth:`attach` (None before), whose
             ``current_gradient_accumulation_steps`` is the number of micro-batches of
             the optimizer step being accumulated.
@@ -149,7 +149,9 @@ class TrainerOHEMLoss:
         # The Trainer's own logging already shows the global mean (module docstring), so
         # OHEMLoss's extra all-reduce for last_mean_loss is off unless asked for.
         selector_kwargs = {"sync_mean_loss": False, **selector_kwargs}
-        self.criterion = OHEMLoss(nn.CrossEntropyLoss(ignore_index=ignore_index), **selector_kwargs)
+        # The token losses come computed (once, in _token_losses): the criterion passes
+        # them through, and the labels still mark the ignored positions.
+        self.criterion = OHEMLoss(_given_losses, ignore_index=ignore_index, **selector_kwargs)
         self.reference = None if reference_model is None else ReferenceModel(reference_model)
         self.trainer: Trainer | None = None
         self._model_inputs: dict[str, Any] | None = None
@@ -223,24 +225,22 @@ class TrainerOHEMLoss:
                 "after building the Trainer"
             )
         try:
-            logits, targets = self._predictions(outputs, labels)
-            score = None if self.reference is None else self._excess_scores(outputs, labels)
+            losses, targets = self._token_losses(outputs, labels)
+            score = None if self.reference is None else losses.detach() - self._reference(labels)
         except (TypeError, ValueError) as exc:
             # Every rank raises this, instead of the others waiting in the selection.
             like = outputs if isinstance(outputs, torch.Tensor) else None
             if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
                 like = outputs["logits"]
             return self.criterion.fail(str(exc), like) / divisor
-        return self.criterion(logits, targets, score=score) / divisor
+        return self.criterion(losses, targets, score=score) / divisor
 
-    def _excess_scores(self, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
-        """``(P,)`` each prediction's training loss minus the reference model's, on the
-        inputs of the model's last forward."""
+    def _reference(self, labels: torch.Tensor) -> torch.Tensor:
+        """``(P,)`` the reference model's loss of each prediction, on the inputs of the
+        model's last forward (its excess-loss score is the training loss minus this)."""
         options = {"shift_labels": self.shift_labels, "ignore_index": self.ignore_index}
-        own, _ = token_losses(logits_of(outputs).detach(), labels, **options)
         like = next(self.trainer.model.parameters())
-        reference = self.reference.token_losses(self._model_inputs, labels, like, **options)
-        return (own - reference).reshape(-1)
+        return self.reference.token_losses(self._model_inputs, labels, like, **options).reshape(-1)
 
     def _micro_batches(self) -> int:
         """n: the micro-batches whose gradients the current optimizer step sums.
@@ -270,19 +270,19 @@ class TrainerOHEMLoss:
             return comm.get_world_size()
         return 1
 
-    def _predictions(
+    def _token_losses(
         self, outputs: Any, labels: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(P, V)`` float logits and ``(P,)`` targets, one row per prediction."""
-        logits = logits_of(outputs)
+        """``(P,)`` float32 cross-entropy of every prediction (0 where ignored) and ``(P,)``
+        its label, one per prediction, as transformers' own ForCausalLMLoss computes it."""
         if not isinstance(labels, torch.Tensor):
             raise TypeError(
                 f"labels must be a tensor, got {type(labels).__name__}: the batch needs a "
                 "'labels' entry (the Trainer passes it to compute_loss_func)"
             )
-        logits, labels = aligned(logits, labels, self.shift_labels)
-        # Upcast as transformers' own ForCausalLMLoss does: token losses in fp32.
-        return logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+        logits, labels = aligned(logits_of(outputs), labels, self.shift_labels)
+        losses, _ = token_losses(logits, labels, shift_labels=False, ignore_index=self.ignore_index)
+        return losses.reshape(-1), labels.reshape(-1)
 
 
 def ohem_loss_func(
@@ -572,6 +572,11 @@ class OHEMTrainer(Trainer):
 
     def _label_options(self) -> dict[str, Any]:
         return {"shift_labels": self.shift_labels, "ignore_index": self.ignore_index}
+
+
+def _given_losses(losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The criterion of :attr:`TrainerOHEMLoss.criterion`: the per-token losses as given."""
+    return losses
 
 
 def _check_one_process_per_device(training_args: TrainingArguments) -> None:

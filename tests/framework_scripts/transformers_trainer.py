@@ -117,7 +117,7 @@ class BareOHEMLoss(TrainerOHEMLoss):
     """``OHEMLoss`` on the shifted tokens as it is, without the Trainer correction."""
 
     def __call__(self, outputs, labels, num_items_in_batch=None) -> torch.Tensor:
-        return self.criterion(*self._predictions(outputs, labels))
+        return self.criterion(*self._token_losses(outputs, labels))
 
 
 class RecordingTrainer(Trainer):
